@@ -1,0 +1,33 @@
+# Two commands do all set-up: `make demo` and `make test` (both install first when needed).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export DVC_NO_ANALYTICS := 1
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: install demo test bench clean-venv dvc-scm
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test,onnx]'
+	@touch $(STAMP)
+
+# DVC needs git or core.no_scm; in a plain folder fall back to no_scm (written to the untracked config.local).
+dvc-scm:
+	@git rev-parse --is-inside-work-tree >/dev/null 2>&1 || $(BIN)/dvc config --local core.no_scm true
+
+demo: install dvc-scm
+	$(BIN)/dvc repro
+
+test: install
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python -m bench
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,158 @@
+"""Local-descriptor sampling and faiss k-means: the inputs of the NetVLAD layer's initialisation."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .datasets.manifest import Split
+from .device import autocast, prepare_model, to_device
+from .errors import NetVLADError
+from .io import atomic_path
+
+
+@dataclass
+class SampleConfig:
+    num_descriptors: int = 50_000
+    per_image: int = 100
+    seed: int = 0
+    batch_size: int = 16
+    num_workers: int = 2
+
+    def validate(self) -> None:
+        if self.num_descriptors < 1:
+            raise NetVLADError(f"num-descriptors must be >= 1, got {self.num_descriptors}")
+        if self.per_image < 1:
+            raise NetVLADError(f"per-image must be >= 1, got {self.per_image}")
+        if self.batch_size < 1:
+            raise NetVLADError(f"batch-size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class KMeansConfig:
+    num_clusters: int = 64
+    iterations: int = 100
+    seed: int = 0
+
+
+def choose_images(num_db: int, num_images: int, seed: int) -> np.ndarray:
+    """``num_images`` distinct database indices drawn with ``seed``, sorted (for sequential reads)."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(num_db, size=min(num_images, num_db), replace=False))
+
+
+@torch.no_grad()
+def sample_descriptors(model, model_config: dict, split: Split, out_h5: str | os.PathLike, *,
+                       device: torch.device, cfg: SampleConfig, progress: bool = True) -> Path:
+    """Sample ``cfg.num_descriptors`` local descriptors, ``cfg.per_image`` per image, from randomly chosen
+    database images of ``split``; descriptors are L2-normalised as the NetVLAD layer sees them.
+
+    Writes ``descriptors`` (float32, M × D) and ``image_indices`` (M,) to ``out_h5`` with the config recorded.
+    """
+    import h5py
+    from tqdm import tqdm
+
+    from .features import image_loader
+
+    cfg.validate()
+    h, w = model_config["input_height"], model_config["input_width"]
+    model = prepare_model(model, device).eval()
+    with torch.inference_mode():
+        probe = model.local_descriptors(torch.zeros(1, 3, h, w, device=device))
+    dim, locations = int(probe.shape[1]), int(probe.shape[2] * probe.shape[3])
+    per_image = cfg.per_image
+    if per_image > locations:
+        warnings.warn(f"per-image {per_image} exceeds the {probe.shape[2]}×{probe.shape[3]} = {locations} feature-map "
+                      f"locations at {w}×{h}; sampling {locations} per image and more images instead")
+        per_image = locations
+    wanted_images = math.ceil(cfg.num_descriptors / per_image)
+    if split.num_db == 0:
+        raise NetVLADError(f"split {split.name!r} has no database images to sample from")
+    chosen = choose_images(split.num_db, wanted_images, cfg.seed)
+    total = min(cfg.num_descriptors, len(chosen) * per_image)
+    if total < cfg.num_descriptors:
+        warnings.warn(f"only {len(chosen)} database images: sampling {total} descriptors instead of {cfg.num_descriptors}")
+    files = [split.db_files()[i] for i in chosen]
+    loader = image_loader(files, height=h, width=w, mean=model_config["mean"], std=model_config["std"],
+                          batch_size=cfg.batch_size, num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+    rng = np.random.default_rng(cfg.seed + 1)
+    descriptors = np.empty((total, dim), dtype=np.float32)
+    image_indices = np.empty(total, dtype=np.int64)
+    filled = 0
+    with torch.inference_mode(), tqdm(total=len(files), desc="sample", unit="img", disable=not progress) as bar:
+        for images, idx in loader:
+            with autocast(device):
+                local = model.local_descriptors(to_device(images, device)).float()
+            local = local.flatten(2).transpose(1, 2).cpu().numpy()  # N × HW × D
+            for j, i in enumerate(idx.numpy()):
+                take = min(per_image, total - filled)
+                if take <= 0:
+                    break
+                loc = rng.choice(local.shape[1], size=take, replace=False)
+                descriptors[filled:filled + take] = local[j, loc]
+                image_indices[filled:filled + take] = chosen[i]
+                filled += take
+            bar.update(len(idx))
+    out_h5 = Path(out_h5)
+    with atomic_path(out_h5) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("descriptors", data=descriptors)
+            f.create_dataset("image_indices", data=image_indices)
+            f.attrs["model"] = json.dumps(model_config, sort_keys=True)
+            f.attrs["sample_config"] = json.dumps(asdict(cfg), sort_keys=True)
+            f.attrs["split"] = split.name
+            f.attrs["dataset"] = split.dataset
+            f.attrs["per_image"] = per_image
+    return out_h5
+
+
+def read_descriptors(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
+    """``(descriptors float32, model config)`` from a file written by :func:`sample_descriptors`."""
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise NetVLADError(f"{path}: file not found")
+    try:
+        with h5py.File(path, "r") as f:
+            if "descriptors" not in f or "model" not in f.attrs:
+                raise NetVLADError(f"{path}: not a descriptor sample (no 'descriptors' dataset or 'model' attribute)")
+            return f["descriptors"][()].astype(np.float32, copy=False), json.loads(f.attrs["model"])
+    except OSError as e:
+        raise NetVLADError(f"{path}: not a readable HDF5 file ({e})") from None
+
+
+def kmeans(descriptors: np.ndarray, cfg: KMeansConfig, *, progress: bool = True) -> np.ndarray:
+    """faiss k-means on every sample (``max_points_per_centroid`` raised): (K, D) float32 centroids."""
+    import faiss
+
+    n, d = descriptors.shape
+    if cfg.num_clusters < 2:
+        raise NetVLADError(f"num-clusters must be >= 2, got {cfg.num_clusters}")
+    if cfg.num_clusters > n:
+        raise NetVLADError(f"num-clusters {cfg.num_clusters} exceeds the {n} sampled descriptors")
+    if cfg.iterations < 1:
+        raise NetVLADError(f"iterations must be >= 1, got {cfg.iterations}")
+    km = faiss.Kmeans(d, cfg.num_clusters, niter=cfg.iterations, seed=cfg.seed, verbose=progress,
+                      max_points_per_centroid=math.ceil(n / cfg.num_clusters) + 1, spherical=False)
+    km.train(np.ascontiguousarray(descriptors, dtype=np.float32))
+    return km.centroids.astype(np.float32)
+
+
+def write_centroids(path: str | os.PathLike, centroids: np.ndarray, *, model_config: dict, cfg: KMeansConfig) -> Path:
+    import h5py
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("centroids", data=centroids.astype(np.float32))
+            f.attrs["model"] = json.dumps(model_config, sort_keys=True)
+            f.attrs["kmeans_config"] = json.dumps(asdict(cfg), sort_keys=True)
+    return path

@@ -1,0 +1,1 @@
+"""Dataset layer: spec readers, the normalised split form, the built-in city, image datasets."""

@@ -1,0 +1,217 @@
+"""The normalised form every stage after ``download`` reads: one folder per split.
+
+``<dataset_dir>/<split>/`` holds
+- ``manifest.csv``: one row per image, database rows first then queries, in the spec's order; columns
+  ``path`` (relative to the image root), ``role`` (``database``/``query``), ``utm_east``, ``utm_north``,
+  ``timestamp`` (empty when unknown);
+- ``split.json``: dataset, split name, image root, thresholds, counts;
+- ``ground_truth.h5``: per query, the database indices within ``pos_dist_thr`` (``positives``, for
+  evaluation) and within ``sqrt(non_triv_pos_dist_sq_thr)`` (``train_positives``), as CSR arrays
+  ``<name>/indptr`` and ``<name>/indices``, computed once with a KD-tree.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..errors import NetVLADError
+from ..io import atomic_path, read_json, write_json
+
+MANIFEST = "manifest.csv"
+SPLIT_JSON = "split.json"
+GROUND_TRUTH = "ground_truth.h5"
+COLUMNS = ["path", "role", "utm_east", "utm_north", "timestamp"]
+
+
+@dataclass
+class Split:
+    """One split: database and query images with positions, thresholds and where the images lie."""
+
+    dataset: str
+    name: str
+    image_root: Path
+    db_paths: list[str]
+    db_utm: np.ndarray
+    q_paths: list[str]
+    q_utm: np.ndarray
+    pos_dist_thr: float = 25.0
+    non_triv_pos_dist_sq_thr: float = 100.0
+    db_timestamps: np.ndarray | None = None
+    q_timestamps: np.ndarray | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_db(self) -> int:
+        return len(self.db_paths)
+
+    @property
+    def num_queries(self) -> int:
+        return len(self.q_paths)
+
+    @property
+    def train_pos_dist_thr(self) -> float:
+        return float(np.sqrt(self.non_triv_pos_dist_sq_thr))
+
+    def db_files(self) -> list[Path]:
+        return [self.image_root / p for p in self.db_paths]
+
+    def query_files(self) -> list[Path]:
+        return [self.image_root / p for p in self.q_paths]
+
+    def frame(self) -> pd.DataFrame:
+        def ts(v: np.ndarray | None, n: int) -> np.ndarray:
+            return np.full(n, np.nan) if v is None else np.asarray(v, dtype=np.float64)
+
+        return pd.DataFrame(
+            {
+                "path": list(self.db_paths) + list(self.q_paths),
+                "role": ["database"] * self.num_db + ["query"] * self.num_queries,
+                "utm_east": np.concatenate([self.db_utm[:, 0], self.q_utm[:, 0]]),
+                "utm_north": np.concatenate([self.db_utm[:, 1], self.q_utm[:, 1]]),
+                "timestamp": np.concatenate([ts(self.db_timestamps, self.num_db), ts(self.q_timestamps, self.num_queries)]),
+            },
+            columns=COLUMNS,
+        )
+
+
+@dataclass
+class GroundTruth:
+    """Per-query database indices, sorted by distance: ``positives`` (eval) and ``train_positives``."""
+
+    positives: list[np.ndarray]
+    train_positives: list[np.ndarray]
+
+
+def radius_neighbours(db_utm: np.ndarray, q_utm: np.ndarray, radius: float) -> list[np.ndarray]:
+    """For each query, the database indices within ``radius`` metres, nearest first (KD-tree)."""
+    from scipy.spatial import cKDTree
+
+    if len(db_utm) == 0:
+        return [np.zeros(0, dtype=np.int64) for _ in range(len(q_utm))]
+    tree = cKDTree(db_utm)
+    out = []
+    for q, idx in zip(q_utm, tree.query_ball_point(q_utm, r=radius)):
+        idx = np.asarray(idx, dtype=np.int64)
+        d = np.linalg.norm(db_utm[idx] - q, axis=1)
+        out.append(idx[np.lexsort((idx, d))])
+    return out
+
+
+def compute_ground_truth(split: Split) -> GroundTruth:
+    return GroundTruth(
+        positives=radius_neighbours(split.db_utm, split.q_utm, split.pos_dist_thr),
+        train_positives=radius_neighbours(split.db_utm, split.q_utm, split.train_pos_dist_thr),
+    )
+
+
+def _to_csr(lists: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    indptr = np.zeros(len(lists) + 1, dtype=np.int64)
+    indptr[1:] = np.cumsum([len(x) for x in lists])
+    indices = np.concatenate(lists).astype(np.int64) if lists else np.zeros(0, dtype=np.int64)
+    return indptr, indices
+
+
+def _from_csr(indptr: np.ndarray, indices: np.ndarray) -> list[np.ndarray]:
+    return [indices[indptr[i]:indptr[i + 1]] for i in range(len(indptr) - 1)]
+
+
+def _relative_root(image_root: Path, split_dir: Path) -> str:
+    root = image_root.resolve()
+    try:
+        return os.path.relpath(root, split_dir.resolve()) if root.is_relative_to(split_dir.resolve().parent) else str(root)
+    except ValueError:
+        return str(root)
+
+
+def write_split(split: Split, split_dir: str | Path) -> Path:
+    """Write manifest, split.json and ground truth into ``split_dir`` atomically (all or nothing)."""
+    import h5py
+
+    split_dir = Path(split_dir)
+    gt = compute_ground_truth(split)
+    with atomic_path(split_dir, is_dir=True) as tmp:
+        split.frame().to_csv(tmp / MANIFEST, index=False, float_format="%.17g")
+        write_json(
+            tmp / SPLIT_JSON,
+            {
+                "dataset": split.dataset,
+                "split": split.name,
+                "image_root": _relative_root(split.image_root, split_dir),
+                "num_db": split.num_db,
+                "num_queries": split.num_queries,
+                "pos_dist_thr": split.pos_dist_thr,
+                "non_triv_pos_dist_sq_thr": split.non_triv_pos_dist_sq_thr,
+                **({"extra": split.extra} if split.extra else {}),
+            },
+        )
+        with h5py.File(tmp / GROUND_TRUTH, "w") as h5:
+            for name, lists in (("positives", gt.positives), ("train_positives", gt.train_positives)):
+                indptr, indices = _to_csr(lists)
+                g = h5.create_group(name)
+                g.create_dataset("indptr", data=indptr)
+                g.create_dataset("indices", data=indices)
+            h5.attrs["pos_dist_thr"] = split.pos_dist_thr
+            h5.attrs["train_pos_dist_thr"] = split.train_pos_dist_thr
+    return split_dir
+
+
+def load_split(split_dir: str | Path) -> Split:
+    """Read a split folder written by :func:`write_split`."""
+    split_dir = Path(split_dir)
+    meta = read_json(split_dir / SPLIT_JSON)
+    manifest = split_dir / MANIFEST
+    if not manifest.is_file():
+        raise NetVLADError(f"{manifest}: file not found")
+    try:
+        df = pd.read_csv(manifest, dtype={"path": str, "role": str}, keep_default_na=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise NetVLADError(f"{manifest}: not a readable manifest ({e})") from None
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise NetVLADError(f"{manifest}: missing columns {', '.join(missing)}")
+    db = df[df["role"] == "database"]
+    q = df[df["role"] == "query"]
+    if len(db) + len(q) != len(df):
+        raise NetVLADError(f"{manifest}: role must be 'database' or 'query'")
+    if len(db) != meta.get("num_db") or len(q) != meta.get("num_queries"):
+        raise NetVLADError(f"{manifest}: row counts do not match {split_dir / SPLIT_JSON}")
+    root = Path(meta["image_root"])
+    if not root.is_absolute():
+        root = (split_dir / root).resolve()
+
+    def ts(frame: pd.DataFrame) -> np.ndarray | None:
+        v = frame["timestamp"].to_numpy(dtype=np.float64)
+        return None if np.isnan(v).all() else v
+
+    return Split(
+        dataset=meta["dataset"],
+        name=meta["split"],
+        image_root=root,
+        db_paths=db["path"].tolist(),
+        db_utm=db[["utm_east", "utm_north"]].to_numpy(dtype=np.float64),
+        q_paths=q["path"].tolist(),
+        q_utm=q[["utm_east", "utm_north"]].to_numpy(dtype=np.float64),
+        pos_dist_thr=float(meta["pos_dist_thr"]),
+        non_triv_pos_dist_sq_thr=float(meta["non_triv_pos_dist_sq_thr"]),
+        db_timestamps=ts(db),
+        q_timestamps=ts(q),
+        extra=meta.get("extra", {}),
+    )
+
+
+def load_ground_truth(split_dir: str | Path) -> GroundTruth:
+    import h5py
+
+    path = Path(split_dir) / GROUND_TRUTH
+    if not path.is_file():
+        raise NetVLADError(f"{path}: file not found")
+    with h5py.File(path, "r") as h5:
+        return GroundTruth(
+            positives=_from_csr(h5["positives/indptr"][()], h5["positives/indices"][()]),
+            train_positives=_from_csr(h5["train_positives/indptr"][()], h5["train_positives/indices"][()]),
+        )

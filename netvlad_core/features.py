@@ -1,0 +1,185 @@
+"""Global descriptors of a split's images, cached in one HDF5 file (resumable).
+
+File layout: datasets ``db`` (num_db × dim) and ``query`` (num_queries × dim), rows in the order of the split's
+image lists, float32 (or float16 on request); attributes ``complete`` (True once finished), ``split``, ``dataset``,
+``model`` (the model config as JSON), ``model_fingerprint``, ``dim``, ``dtype``.
+
+While running, the file lives under a hidden ``.<name>.partial`` sibling with progress counters; an interrupted run
+resumes there if the model, split and options are the same, and only a finished file is renamed to the final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from .datasets.images import ImageFiles
+from .datasets.manifest import Split
+from .device import autocast, prepare_model, to_device
+from .errors import NetVLADError
+
+
+@dataclass
+class FeatureConfig:
+    batch_size: int = 16
+    num_workers: int = 2
+    float16: bool = False
+    amp: str = "bf16"  # autocast dtype on GPU: bf16, fp16 or fp32
+    flush_every: int = 20  # batches between progress commits of a resumable run
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise NetVLADError(f"batch-size must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise NetVLADError(f"workers must be >= 0, got {self.num_workers}")
+        if self.amp not in ("bf16", "fp16", "fp32"):
+            raise NetVLADError(f"amp must be bf16, fp16 or fp32, got {self.amp!r}")
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over the model's state dict (names, shapes, bytes): identifies the weights that made a file."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def image_loader(files: Sequence[Path], *, height: int, width: int, mean, std, batch_size: int,
+                 num_workers: int, start: int = 0, pin_memory: bool = False) -> DataLoader:
+    """Batches ``(images, indices)`` of ``files[start:]`` in order."""
+    ds = ImageFiles(files, height, width, mean, std)
+    if start:
+        ds = Subset(ds, range(start, len(files)))
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      pin_memory=pin_memory, persistent_workers=False)
+
+
+@torch.inference_mode()
+def encode_batches(model: torch.nn.Module, loader: DataLoader, device: torch.device, amp: str = "bf16"
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield ``(indices, descriptors float32)`` per batch of ``loader``; the model is in eval mode."""
+    model.eval()
+    for images, idx in loader:
+        with autocast(device, amp):
+            out = model(to_device(images, device))
+        yield idx.numpy(), out.float().cpu().numpy()
+
+
+def encode_images(model: torch.nn.Module, files: Sequence[Path], *, height: int, width: int, mean, std,
+                  device: torch.device, cfg: FeatureConfig, progress: bool = True, desc: str = "encode") -> np.ndarray:
+    """All descriptors of ``files`` in memory as one float32 (or float16) array, in order."""
+    from tqdm import tqdm
+
+    loader = image_loader(files, height=height, width=width, mean=mean, std=std, batch_size=cfg.batch_size,
+                          num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+    out: np.ndarray | None = None
+    with tqdm(total=len(files), desc=desc, unit="img", disable=not progress) as bar:
+        for idx, desc_batch in encode_batches(model, loader, device, cfg.amp):
+            if out is None:
+                out = np.empty((len(files), desc_batch.shape[1]), dtype=np.float16 if cfg.float16 else np.float32)
+            out[idx] = desc_batch
+            bar.update(len(idx))
+    if out is None:
+        raise NetVLADError("no images to encode")
+    return out
+
+
+def _partial_path(out_h5: Path) -> Path:
+    return out_h5.with_name(f".{out_h5.name}.partial")
+
+
+def extract_split_features(model, model_config: dict, split: Split, out_h5: str | os.PathLike, *,
+                           device: torch.device, cfg: FeatureConfig, progress: bool = True) -> Path:
+    """Encode every database and query image of ``split`` with ``model`` into ``out_h5`` (resumable)."""
+    import h5py
+    from tqdm import tqdm
+
+    cfg.validate()
+    out_h5 = Path(out_h5)
+    out_h5.parent.mkdir(parents=True, exist_ok=True)
+    partial = _partial_path(out_h5)
+    model = prepare_model(model, device)
+    fingerprint = model_fingerprint(model)
+    dtype = np.float16 if cfg.float16 else np.float32
+    dim = int(model.out_dim)
+    identity = json.dumps({"model": fingerprint, "split": split.name, "dataset": split.dataset,
+                           "num_db": split.num_db, "num_queries": split.num_queries, "dim": dim,
+                           "dtype": np.dtype(dtype).name, "height": model_config["input_height"],
+                           "width": model_config["input_width"]}, sort_keys=True)
+
+    resume = False
+    if partial.exists():
+        try:
+            with h5py.File(partial, "r") as h5:
+                resume = h5.attrs.get("identity") == identity
+        except OSError:
+            resume = False
+        if not resume:
+            partial.unlink()
+    mode = "r+" if resume else "w"
+    with h5py.File(partial, mode) as h5:
+        if not resume:
+            h5.attrs["identity"] = identity
+            h5.attrs["complete"] = False
+            for role, n in (("db", split.num_db), ("query", split.num_queries)):
+                h5.create_dataset(role, shape=(n, dim), dtype=dtype, chunks=(min(max(n, 1), 256), dim))
+                h5.attrs[f"{role}_done"] = 0
+        for role, files in (("db", split.db_files()), ("query", split.query_files())):
+            done = int(h5.attrs[f"{role}_done"])
+            if done >= len(files):
+                continue
+            loader = image_loader(files, height=model_config["input_height"], width=model_config["input_width"],
+                                  mean=model_config["mean"], std=model_config["std"], batch_size=cfg.batch_size,
+                                  num_workers=cfg.num_workers, start=done, pin_memory=device.type == "cuda")
+            dset = h5[role]
+            with tqdm(total=len(files), initial=done, desc=f"{split.name} {role}", unit="img",
+                      disable=not progress) as bar:
+                for b, (idx, desc) in enumerate(encode_batches(model, loader, device, cfg.amp)):
+                    lo = int(idx[0])  # ImageFiles yields original indices, also through Subset
+                    if not np.isfinite(desc).all():
+                        raise NetVLADError(f"{files[lo]}: the model produced NaN/inf descriptors for this batch")
+                    dset[lo:lo + len(idx)] = desc.astype(dtype)
+                    bar.update(len(idx))
+                    if (b + 1) % cfg.flush_every == 0:
+                        h5.attrs[f"{role}_done"] = lo + len(idx)
+                        h5.flush()
+            h5.attrs[f"{role}_done"] = len(files)
+            h5.flush()
+        h5.attrs["split"] = split.name
+        h5.attrs["dataset"] = split.dataset
+        h5.attrs["model"] = json.dumps(model_config, sort_keys=True)
+        h5.attrs["model_fingerprint"] = fingerprint
+        h5.attrs["dim"] = dim
+        h5.attrs["dtype"] = np.dtype(dtype).name
+        h5.attrs["feature_config"] = json.dumps(asdict(cfg), sort_keys=True)
+        h5.attrs["complete"] = True
+    os.replace(partial, out_h5)
+    return out_h5
+
+
+def read_features(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict]:
+    """``(db, query, attrs)`` from a finished features file, as float32 arrays."""
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise NetVLADError(f"{path}: file not found")
+    try:
+        with h5py.File(path, "r") as h5:
+            if not bool(h5.attrs.get("complete", False)):
+                raise NetVLADError(f"{path}: features file is incomplete (interrupted extraction)")
+            if "db" not in h5 or "query" not in h5:
+                raise NetVLADError(f"{path}: missing 'db' or 'query' dataset")
+            return h5["db"][()].astype(np.float32), h5["query"][()].astype(np.float32), dict(h5.attrs)
+    except OSError as e:
+        raise NetVLADError(f"{path}: not a readable HDF5 file ({e})") from None

@@ -1,0 +1,38 @@
+"""What every stage shares: user errors become one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable, TypeVar
+
+import typer
+
+from netvlad_core.errors import NetVLADError
+
+F = TypeVar("F", bound=Callable)
+
+
+def user_errors(fn: F) -> F:
+    """Turn :class:`NetVLADError` (and a missing input file) into ``error: <message>`` and exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except NetVLADError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("error: interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def run(fn: Callable) -> None:
+    """Entry point for ``python -m stages.<stage>``."""
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command(help=fn.__doc__)(fn)
+    app(prog_name=f"python -m {fn.__module__}")
+    sys.exit(0)

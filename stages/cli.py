@@ -1,0 +1,27 @@
+"""The ``netvlad`` console script: one Typer app, one subcommand per stage."""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    help="NetVLAD visual place recognition: the pipeline's stages as commands (see dvc.yaml for how they chain).",
+)
+
+# (subcommand, module under stages/) in pipeline order.
+STAGES = [
+    ("download", "download"),
+]
+
+for _name, _module in STAGES:
+    _fn = importlib.import_module(f"stages.{_module}").main
+    app.command(_name, help=_fn.__doc__)(_fn)
+
+
+if __name__ == "__main__":
+    app()

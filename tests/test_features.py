@@ -1,0 +1,79 @@
+"""Feature extraction: rows equal the model applied image by image; an interrupted run resumes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from netvlad_core.datasets.images import load_image
+from netvlad_core.datasets.manifest import load_split
+from netvlad_core.errors import NetVLADError
+from netvlad_core.features import FeatureConfig, extract_split_features, read_features
+from tests.conftest import TINY_MODEL_CONFIG, TinyModel
+
+
+def _one_by_one(model, files):
+    c = TINY_MODEL_CONFIG
+    with torch.no_grad():
+        return np.stack([model(load_image(f, c["input_height"], c["input_width"], c["mean"], c["std"])[None])[0].numpy()
+                         for f in files])
+
+
+def test_features_match_single_image_forward(tiny_split, tmp_path):
+    torch.manual_seed(0)
+    model = TinyModel()
+    split = load_split(tiny_split)
+    out = extract_split_features(model, TINY_MODEL_CONFIG, split, tmp_path / "f.h5", device=torch.device("cpu"),
+                                 cfg=FeatureConfig(batch_size=4, num_workers=0), progress=False)
+    db, q, attrs = read_features(out)
+    assert db.shape == (split.num_db, 8) and q.shape == (split.num_queries, 8)
+    np.testing.assert_allclose(db, _one_by_one(model, split.db_files()), atol=1e-5)
+    np.testing.assert_allclose(q, _one_by_one(model, split.query_files()), atol=1e-5)
+    assert attrs["complete"] and attrs["split"] == "test"
+
+
+def test_interrupted_extraction_resumes(tiny_split, tmp_path):
+    torch.manual_seed(0)
+    model = TinyModel()
+    split = load_split(tiny_split)
+    out = tmp_path / "f.h5"
+    cfg = FeatureConfig(batch_size=2, num_workers=0, flush_every=1)
+    model.fail_after = 4
+    with pytest.raises(KeyboardInterrupt):
+        extract_split_features(model, TINY_MODEL_CONFIG, split, out, device=torch.device("cpu"), cfg=cfg, progress=False)
+    assert not out.exists(), "an interrupted run must not leave a file under the final name"
+    assert (tmp_path / ".f.h5.partial").exists()
+    model.fail_after, model.calls = None, 0
+    extract_split_features(model, TINY_MODEL_CONFIG, split, out, device=torch.device("cpu"), cfg=cfg, progress=False)
+    total_batches = -(-split.num_db // 2) + -(-split.num_queries // 2)
+    assert model.calls == total_batches - 4, "the second run must start after the committed batches"
+    db, q, _ = read_features(out)
+    np.testing.assert_allclose(db, _one_by_one(model, split.db_files()), atol=1e-5)
+    np.testing.assert_allclose(q, _one_by_one(model, split.query_files()), atol=1e-5)
+
+
+def test_partial_from_another_model_is_not_resumed(tiny_split, tmp_path):
+    split = load_split(tiny_split)
+    out = tmp_path / "f.h5"
+    cfg = FeatureConfig(batch_size=2, num_workers=0, flush_every=1)
+    torch.manual_seed(0)
+    first = TinyModel()
+    first.fail_after = 3
+    with pytest.raises(KeyboardInterrupt):
+        extract_split_features(first, TINY_MODEL_CONFIG, split, out, device=torch.device("cpu"), cfg=cfg, progress=False)
+    torch.manual_seed(1)
+    other = TinyModel()
+    extract_split_features(other, TINY_MODEL_CONFIG, split, out, device=torch.device("cpu"), cfg=cfg, progress=False)
+    db, _, _ = read_features(out)
+    np.testing.assert_allclose(db, _one_by_one(other, split.db_files()), atol=1e-5)
+
+
+def test_corrupt_image_names_the_file(tiny_split, tmp_path):
+    split = load_split(tiny_split)
+    bad = split.db_files()[3]
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(NetVLADError, match=str(bad)):
+        extract_split_features(TinyModel(), TINY_MODEL_CONFIG, split, tmp_path / "f.h5", device=torch.device("cpu"),
+                               cfg=FeatureConfig(batch_size=4, num_workers=0), progress=False)
+    assert not (tmp_path / "f.h5").exists()
