@@ -34,5 +34,7 @@ def run(fn: Callable) -> None:
     """Entry point for ``python -m stages.<stage>``."""
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     app.command(help=fn.__doc__)(fn)
-    app(prog_name=f"python -m {fn.__module__}")
+    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    module = main_spec.name if main_spec is not None else fn.__module__
+    app(prog_name=f"python -m {module}")
     sys.exit(0)

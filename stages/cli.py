@@ -13,9 +13,20 @@ app = typer.Typer(
     help="NetVLAD visual place recognition: the pipeline's stages as commands (see dvc.yaml for how they chain).",
 )
 
+
+
+@app.callback()
+def _root() -> None:
+    """NetVLAD visual place recognition: the pipeline's stages as commands."""
+
+
 # (subcommand, module under stages/) in pipeline order.
 STAGES = [
     ("download", "download"),
+    ("sample", "sample"),
+    ("kmeans", "kmeans"),
+    ("features", "features"),
+    ("evaluate", "evaluate"),
 ]
 
 for _name, _module in STAGES:

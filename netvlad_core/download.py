@@ -1,0 +1,427 @@
+"""Fetching and unpacking the dataset spec files: resumable HTTP(S) downloads, safe archive extraction.
+
+- :func:`fetch` downloads one URL to a file through a ``.part`` file that a later call resumes with an
+  HTTP ``Range`` request, verifies an optional sha256 and only then renames the file into place.
+- :func:`safe_extract` unpacks a tar (plain/gz/bz2/xz) or zip archive into a folder, all or nothing, refusing
+  members that would land outside it (absolute paths, ``..``, links pointing out, device files).
+- :func:`resolve_spec_source` turns ``--spec`` (a URL, a local archive or a folder of .mat files) into a folder
+  in which the spec .mat files can be found.
+
+Standard library only (urllib, tarfile, zipfile) plus tqdm for the progress bar.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import re
+import stat
+import tarfile
+import zipfile
+from pathlib import Path, PurePosixPath
+from typing import Callable
+from urllib.error import HTTPError, URLError
+from urllib.parse import unquote, urlparse
+from urllib.request import Request, url2pathname, urlopen
+
+from .errors import NetVLADError
+from .io import atomic_path
+
+#: The authors' archive of dbStruct .mat files (pitts30k/250k, tokyoTM, tokyo247); about 2 MB.
+#: Its sha256 is not published: pass the digest printed by the first download to pin it.
+AUTHORS_SPEC_URL = "https://www.di.ens.fr/willow/research/netvlad/data/netvlad_v100_datasets.tar.gz"
+
+USER_AGENT = "netvlad-pipeline/0.1 (+urllib)"
+_CHUNK = 1 << 16
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class _Interrupted(Exception):
+    """A transfer that stopped early; the ``.part`` file keeps what arrived so far."""
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def normalise_sha256(value: str | None) -> str | None:
+    """Lower-case hex digest, or ``None``; anything but 64 hex digits is a user error."""
+    if value is None or value == "":
+        return None
+    v = value.strip().lower()
+    if v.startswith("sha256:"):
+        v = v[len("sha256:"):]
+    if not _HEX64.match(v):
+        raise NetVLADError(f"sha256 {value!r} is not 64 hexadecimal digits")
+    return v
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, HTTPError):
+        return f"HTTP {e.code} {e.reason}"
+    if isinstance(e, URLError):
+        r = e.reason
+        return str(r) if not isinstance(r, BaseException) else (str(r) or type(r).__name__)
+    if isinstance(e, (TimeoutError,)):
+        return "timed out"
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _content_range(value: str | None) -> tuple[int | None, int | None]:
+    """``bytes START-END/TOTAL`` or ``bytes */TOTAL`` → (START, TOTAL); unknown parts are None."""
+    if not value:
+        return None, None
+    m = re.match(r"\s*bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)\s*$", value)
+    if not m:
+        return None, None
+    start = int(m.group(1)) if m.group(1) is not None else None
+    total = int(m.group(2)) if m.group(2) != "*" else None
+    return start, total
+
+
+def _transfer(url: str, part: Path, *, timeout: float, progress: bool, desc: str, restarted: bool = False) -> None:
+    """One HTTP request that appends to (or restarts) ``part``; returns when the file is complete."""
+    from tqdm import tqdm
+
+    offset = part.stat().st_size if part.is_file() else 0
+    headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    try:
+        resp = urlopen(Request(url, headers=headers), timeout=timeout)
+    except HTTPError as e:
+        if e.code == 416 and offset:
+            # Range not satisfiable: the .part is either complete or longer than the file (bad).
+            _, total = _content_range(e.headers.get("Content-Range"))
+            e.close()
+            if total == offset:
+                return
+            if restarted:
+                raise NetVLADError(f"{url}: server refuses the range request (HTTP 416) even from byte 0") from None
+            part.unlink()
+            return _transfer(url, part, timeout=timeout, progress=progress, desc=desc, restarted=True)
+        raise NetVLADError(f"{url}: download failed ({_reason(e)})") from None
+    except (URLError, OSError, http.client.HTTPException, ValueError) as e:
+        # Connection refused, DNS failure, timeout before the response: nothing arrived, nothing to resume.
+        raise NetVLADError(f"{url}: download failed ({_reason(e)})") from None
+
+    with resp:
+        length = resp.headers.get("Content-Length")
+        length = int(length) if length and length.isdigit() else None
+        if offset and resp.status == 206:
+            start, total = _content_range(resp.headers.get("Content-Range"))
+            if start != offset:
+                # A range we did not ask for: do not splice it in; start again from byte 0.
+                resp.close()
+                if restarted:
+                    raise NetVLADError(f"{url}: server answered a range request with an unexpected Content-Range")
+                part.unlink()
+                return _transfer(url, part, timeout=timeout, progress=progress, desc=desc, restarted=True)
+            if total is None and length is not None:
+                total = offset + length
+            mode = "ab"
+        else:
+            # 200: a fresh download, or a server that ignores Range and sends everything again.
+            offset, mode, total = 0, "wb", length
+        with open(part, mode) as fh, tqdm(
+            total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+            desc=desc, disable=not progress, leave=False,
+        ) as bar:
+            while True:
+                try:
+                    chunk = resp.read(_CHUNK)
+                except (OSError, http.client.HTTPException) as e:
+                    fh.flush()
+                    raise _Interrupted(_reason(e)) from None
+                if not chunk:
+                    break
+                fh.write(chunk)
+                bar.update(len(chunk))
+    size = part.stat().st_size
+    if total is not None and size != total:
+        raise _Interrupted(f"received {size} of {total} bytes")
+
+
+def fetch(
+    url: str,
+    dest: str | os.PathLike,
+    *,
+    sha256: str | None = None,
+    progress: bool = True,
+    timeout: float = 60.0,
+    retries: int = 3,
+) -> str:
+    """Download ``url`` (http/https) to ``dest`` and return the file's hex sha256.
+
+    Bytes go to ``dest`` + ``.part``. An existing ``.part`` (from an interrupted run) is resumed with
+    ``Range: bytes=N-``: a ``206`` reply is appended, a ``200`` (server ignores ranges) restarts from byte 0,
+    a ``416`` means the part is already complete (when its size equals the advertised total) or bad
+    (it is discarded and the download restarts). A transfer that breaks off is resumed up to ``retries``
+    times within this call; after that the ``.part`` stays for the next call and a one-line
+    :class:`NetVLADError` says so. When ``sha256`` is given and does not match, the downloaded file is removed
+    and a :class:`NetVLADError` names the URL, the expected and the actual digest. ``dest`` appears only once
+    the file is complete and verified.
+    """
+    expected = normalise_sha256(sha256)
+    scheme = urlparse(url).scheme.lower()
+    if scheme not in ("http", "https"):
+        raise NetVLADError(f"{url}: not an http(s) URL")
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_suffix(dest.suffix + ".part")
+    attempt = 0
+    while True:
+        try:
+            _transfer(url, part, timeout=timeout, progress=progress, desc=dest.name)
+            break
+        except _Interrupted as e:
+            if attempt >= retries:
+                got = part.stat().st_size if part.is_file() else 0
+                raise NetVLADError(
+                    f"{url}: download interrupted ({e}); {got} bytes kept in {part}, run again to resume"
+                ) from None
+            attempt += 1
+    actual = sha256_file(part)
+    if expected is not None and actual != expected:
+        part.unlink(missing_ok=True)
+        raise NetVLADError(
+            f"{url}: sha256 mismatch, expected {expected}, got {actual} (the downloaded file was removed)"
+        )
+    os.replace(part, dest)
+    return actual
+
+
+# ----------------------------------------------------------------------------------------------- archives
+
+
+def _bad_member_name(name: str) -> str | None:
+    """Why an archive member name may not be extracted, or None when it is fine."""
+    if not name or "\x00" in name:
+        return "empty or NUL in name"
+    p = PurePosixPath(name.replace("\\", "/"))
+    if p.is_absolute() or re.match(r"^[A-Za-z]:", name):
+        return "absolute path"
+    if ".." in p.parts:
+        return "'..' in path"
+    return None
+
+
+def _escapes(base_dir: str, target: str) -> bool:
+    """Does ``target`` (relative to ``base_dir``, both archive-relative posix paths) leave the archive root?"""
+    if target.startswith("/") or re.match(r"^[A-Za-z]:", target):
+        return True
+    norm = os.path.normpath(os.path.join(base_dir, target)).replace("\\", "/")
+    return norm == ".." or norm.startswith("../") or norm.startswith("/")
+
+
+def _check_tar_member(archive: Path, m: tarfile.TarInfo) -> None:
+    why = _bad_member_name(m.name)
+    if why is None:
+        if m.ischr() or m.isblk() or m.isfifo() or not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
+            why = "device or special file"
+        elif m.issym() and _escapes(os.path.dirname(m.name), m.linkname):
+            why = f"symlink pointing outside ({m.linkname})"
+        elif m.islnk() and _escapes("", m.linkname):
+            why = f"hard link pointing outside ({m.linkname})"
+    if why is not None:
+        raise NetVLADError(f"{archive}: refusing unsafe member {m.name!r} ({why})")
+
+
+_ARCHIVE_ERRORS: tuple[type[BaseException], ...] = (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, ValueError)
+try:  # the decompressors' own error types (zlib.error is not an OSError)
+    import zlib
+
+    _ARCHIVE_ERRORS += (zlib.error,)
+except ImportError:  # pragma: no cover
+    pass
+try:
+    import lzma
+
+    _ARCHIVE_ERRORS += (lzma.LZMAError,)
+except ImportError:  # pragma: no cover
+    pass
+
+
+def _extract_tar(archive: Path, tmp: Path) -> None:
+    with tarfile.open(archive, "r:*") as tar:
+        members = tar.getmembers()  # reads the whole archive: a truncated one fails here
+        for m in members:
+            _check_tar_member(archive, m)
+        if hasattr(tarfile, "data_filter"):
+            try:
+                tar.extractall(tmp, members=members, filter="data")
+            except tarfile.FilterError as e:
+                name = getattr(getattr(e, "tarinfo", None), "name", "?")
+                raise NetVLADError(f"{archive}: refusing unsafe member {name!r} ({e})") from None
+        else:  # Python < 3.11.4: our own checks above are the filter
+            tar.extractall(tmp, members=members)
+
+
+def _extract_zip(archive: Path, tmp: Path) -> None:
+    with zipfile.ZipFile(archive) as zf:
+        infos = zf.infolist()
+        for info in infos:
+            why = _bad_member_name(info.filename)
+            mode = info.external_attr >> 16
+            if why is None and mode and (stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode)):
+                why = "device or special file"
+            if why is not None:
+                raise NetVLADError(f"{archive}: refusing unsafe member {info.filename!r} ({why})")
+        bad = zf.testzip()  # CRC of every member
+        if bad is not None:
+            raise NetVLADError(f"{archive}: corrupt member {bad!r} (CRC mismatch)")
+        for info in infos:
+            zf.extract(info, tmp)  # zip symlinks are written as plain files: nothing can point out
+
+
+def safe_extract(archive: str | os.PathLike, dest_dir: str | os.PathLike) -> list[Path]:
+    """Unpack a tar (plain, gz, bz2, xz) or zip ``archive`` into ``dest_dir`` and return the files written.
+
+    All or nothing: members go to a temporary sibling folder that replaces ``dest_dir`` only when every
+    member was extracted. Absolute paths, ``..`` components, symlinks or hard links pointing outside, and
+    device files are refused with a :class:`NetVLADError` naming the archive and the member (tarfile's
+    ``filter='data'`` is applied as well where Python has it); a truncated or corrupt archive is a
+    :class:`NetVLADError` naming the archive.
+    """
+    archive = Path(archive)
+    dest_dir = Path(dest_dir)
+    if not archive.is_file():
+        raise NetVLADError(f"{archive}: file not found")
+    with atomic_path(dest_dir, is_dir=True) as tmp:
+        try:
+            if zipfile.is_zipfile(archive):
+                _extract_zip(archive, tmp)
+            elif _looks_like_tar(archive):
+                _extract_tar(archive, tmp)
+            else:
+                raise NetVLADError(f"{archive}: not a tar or zip archive, or truncated or corrupt")
+        except NetVLADError:
+            raise
+        except _ARCHIVE_ERRORS as e:
+            raise NetVLADError(f"{archive}: truncated or corrupt archive ({_reason(e)})") from None
+        files = sorted(p.relative_to(tmp) for p in tmp.rglob("*") if p.is_file() or p.is_symlink())
+    return [dest_dir / p for p in files]
+
+
+def _looks_like_tar(archive: Path) -> bool:
+    """True when tarfile can open the archive's first header (compression detected by tarfile)."""
+    try:
+        with tarfile.open(archive, "r:*"):
+            return True
+    except _ARCHIVE_ERRORS:
+        return False
+
+
+# ----------------------------------------------------------------------------------------------- specs
+
+
+def _has_mat(folder: Path) -> bool:
+    return any(p.is_file() for p in folder.rglob("*.mat"))
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def resolve_spec_source(
+    spec: str | os.PathLike,
+    work_dir: str | os.PathLike,
+    *,
+    sha256: str | None = None,
+    progress: bool = True,
+    timeout: float = 60.0,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """Return a folder in which the spec ``.mat`` files can be found (they may sit in subfolders).
+
+    ``spec`` is
+    - an ``http``/``https`` URL: downloaded (resumably, see :func:`fetch`) to
+      ``work_dir/url-<hash of the URL>/<file name>`` and reused from there on later calls; then unpacked;
+    - a ``file://`` URL or a local path to an archive (tar/zip): unpacked into
+      ``work_dir/local-<hash of the path>/<name>.contents``;
+    - a single ``.mat`` file (local or URL): its folder is returned;
+    - a folder already holding ``.mat`` files: returned as is.
+
+    ``sha256`` (optional) is checked against the archive (a cached download that does not match is fetched
+    again). The sha256 of every archive used is passed to ``log`` so that users can pin it.
+    """
+    work_dir = Path(work_dir)
+    expected = normalise_sha256(sha256)
+    text = os.fspath(spec)
+    parsed = urlparse(text)
+    scheme = parsed.scheme.lower()
+
+    if scheme in ("http", "https"):
+        name = Path(unquote(parsed.path)).name or "spec_download"
+        folder = work_dir / f"url-{_short_hash(text)}"
+        archive = folder / name
+        digest = None
+        if archive.is_file():
+            digest = sha256_file(archive)
+            if expected is not None and digest != expected:
+                if log:
+                    log(f"cached {archive} does not match --sha256; downloading again")
+                archive.unlink()
+                digest = None
+        if digest is None:
+            digest = fetch(text, archive, sha256=expected, progress=progress, timeout=timeout)
+        if log:
+            log(f"sha256 {digest}  {text}")
+        try:
+            return _unpack_specs(archive, folder / f"{name}.contents")
+        except NetVLADError as e:  # e.g. an HTML error page served as the archive: do not keep reusing it
+            archive.unlink(missing_ok=True)
+            raise NetVLADError(f"{e} (the cached download was removed)") from None
+
+    if scheme == "file":
+        path = Path(url2pathname(unquote(parsed.path)))
+    elif len(scheme) > 1:  # a one-letter "scheme" is a Windows drive
+        raise NetVLADError(f"{text}: unsupported URL scheme {parsed.scheme!r} (use http, https or file, or a local path)")
+    else:
+        path = Path(text)
+
+    if path.is_dir():
+        if expected is not None:
+            raise NetVLADError(f"{path}: sha256 checks an archive, but the spec is a folder")
+        if not _has_mat(path):
+            raise NetVLADError(f"{path}: no .mat files in this folder or below")
+        return path
+    if not path.is_file():
+        raise NetVLADError(f"{path}: spec file or folder not found")
+    digest = sha256_file(path)
+    if expected is not None and digest != expected:
+        raise NetVLADError(f"{path}: sha256 mismatch, expected {expected}, got {digest}")
+    if log:
+        log(f"sha256 {digest}  {path}")
+    folder = work_dir / f"local-{_short_hash(str(path.resolve()))}"
+    return _unpack_specs(path, folder / f"{path.name}.contents")
+
+
+def _unpack_specs(archive: Path, contents: Path) -> Path:
+    if archive.suffix.lower() == ".mat":
+        return archive.parent
+    safe_extract(archive, contents)
+    if not _has_mat(contents):
+        raise NetVLADError(f"{archive}: no .mat files inside the archive")
+    return contents
+
+
+def find_spec_file(folder: str | os.PathLike, filename: str) -> Path:
+    """The file ``filename`` in ``folder`` or below (the shallowest one); a NetVLADError when absent or ambiguous."""
+    folder = Path(folder)
+    hits = sorted((p for p in folder.rglob(filename) if p.is_file()), key=lambda p: (len(p.parts), str(p)))
+    if not hits:
+        found = sorted({p.name for p in folder.rglob("*.mat")})
+        listing = ", ".join(found[:12]) + (", ..." if len(found) > 12 else "") if found else "none"
+        raise NetVLADError(f"{folder}: no {filename} in this folder or below (.mat files found: {listing})")
+    best = [p for p in hits if len(p.parts) == len(hits[0].parts)]
+    if len(best) > 1:
+        raise NetVLADError(f"{folder}: {filename} is ambiguous ({best[0]} and {best[1]})")
+    return best[0]

@@ -1,0 +1,369 @@
+"""Evaluate one features file against its split: recall@N, localisation error, and the files DVC tracks.
+
+Inputs: a features HDF5 written by the features stage (datasets ``db`` (num_db × D) and ``query``
+(num_queries × D), float16/32, rows in the split's order; attributes ``complete``, ``split``, ``model``,
+``dim``) and a split folder (``manifest.load_split`` / ``load_ground_truth``).
+
+Outputs, each written atomically and only after every computation succeeded:
+- metrics JSON: ``recall@N`` (fractions), ``exact_recall@N`` when an approximate index was used, counts,
+  ``median_error_m``, ``localised_within_<thr>m``;
+- recall plot CSV ``model,n,recall`` (one row per N) for ``dvc plots``;
+- per-query CSV: ranking, correctness and localisation error of every query;
+- optionally ``retrievals.png``: example queries with their top-5 matches, framed green/red.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+
+from .datasets.manifest import Split, load_ground_truth, load_split
+from .errors import NetVLADError
+from .io import atomic_path
+from .retrieval import (
+    WEIGHTINGS,
+    collapse_panoramas,
+    correct_matrix,
+    first_correct_rank,
+    localisation_errors,
+    localise,
+    panorama_ids_from_paths,
+    recall_at_n,
+    search,
+)
+
+NUM_SHOWN_MATCHES = 5  # matches per example query in retrievals.png
+
+
+@dataclass
+class EvalConfig:
+    """How to evaluate; the names match the ``evaluate`` section of params.yaml."""
+
+    recall_ns: tuple[int, ...] = (1, 5, 10, 20, 50, 100)
+    localisation_k: int = 1
+    localisation_weighting: str = "uniform"
+    localisation_temperature: float = 0.1
+    index_factory: str | None = None
+    index_params: str | None = None
+    collapse_panoramas: bool = False
+    batch_size: int = 1024
+    num_examples: int = 8
+    per_query_top: int = 20
+    train_seed: int = 0
+
+    def validate(self) -> None:
+        """Raise :class:`NetVLADError` for values that cannot work."""
+        if not self.recall_ns or any(int(n) < 1 for n in self.recall_ns):
+            raise NetVLADError(f"recall N values must be positive integers, got {list(self.recall_ns)}")
+        if self.localisation_k < 1:
+            raise NetVLADError(f"localisation k must be at least 1, got {self.localisation_k}")
+        if self.localisation_weighting not in WEIGHTINGS:
+            raise NetVLADError(
+                f"localisation weighting must be one of {', '.join(WEIGHTINGS)}, got {self.localisation_weighting!r}"
+            )
+        if not self.localisation_temperature > 0:
+            raise NetVLADError(f"localisation temperature must be positive, got {self.localisation_temperature}")
+        if self.batch_size < 1:
+            raise NetVLADError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.num_examples < 0:
+            raise NetVLADError(f"number of example queries must be 0 or more, got {self.num_examples}")
+        if self.per_query_top < 1:
+            raise NetVLADError(f"per-query top must be at least 1, got {self.per_query_top}")
+
+
+# ---------------------------------------------------------------------------------------------- features file
+
+
+def _check_finite(dataset, path: Path, name: str, batch_size: int) -> None:
+    for start in range(0, dataset.shape[0], batch_size):
+        rows = np.asarray(dataset[start:start + batch_size])
+        bad = ~np.isfinite(rows).all(axis=1)
+        if bad.any():
+            raise NetVLADError(f"{path}: {name} row {start + int(np.flatnonzero(bad)[0])} contains NaN or inf")
+
+
+@contextlib.contextmanager
+def open_features(path: str | Path, split: Split, *, batch_size: int = 1024) -> Iterator[tuple]:
+    """Open a features HDF5, check it against ``split`` and yield its ``(db, query)`` h5py datasets.
+
+    Checks: the file exists and is HDF5, has both datasets as 2-D float arrays, attribute ``complete`` is
+    true, attributes ``dataset``/``split`` (when present) name this split, row counts equal the split's,
+    db and query dims agree (and equal attribute ``dim`` if present), and every value is finite. Any
+    failure raises :class:`NetVLADError` naming the file and the problem.
+    """
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise NetVLADError(f"{path}: features file not found")
+    try:
+        h5 = h5py.File(path, "r")
+    except OSError as e:
+        raise NetVLADError(f"{path}: not a readable HDF5 file ({e})") from None
+    with h5:
+        for name in ("db", "query"):
+            if not isinstance(h5.get(name), h5py.Dataset):
+                raise NetVLADError(f"{path}: missing dataset {name!r}")
+        db, query = h5["db"], h5["query"]
+        if not bool(h5.attrs.get("complete", False)):
+            raise NetVLADError(
+                f"{path}: incomplete features file (attribute 'complete' is not true); rerun the features stage"
+            )
+        for name, ds in (("db", db), ("query", query)):
+            if ds.ndim != 2 or ds.dtype.kind != "f":
+                raise NetVLADError(
+                    f"{path}: dataset {name!r} must be a 2-D float array, got shape {ds.shape} dtype {ds.dtype}"
+                )
+        for attr, expected in (("dataset", split.dataset), ("split", split.name)):
+            if attr in h5.attrs and str(h5.attrs[attr]) != expected:
+                raise NetVLADError(
+                    f"{path}: features of {attr} {str(h5.attrs[attr])!r}, but the split folder is {attr} {expected!r}"
+                )
+        if db.shape[0] != split.num_db:
+            raise NetVLADError(
+                f"{path}: {db.shape[0]} database rows but split {split.name!r} has {split.num_db} database images"
+            )
+        if query.shape[0] != split.num_queries:
+            raise NetVLADError(
+                f"{path}: {query.shape[0]} query rows but split {split.name!r} has {split.num_queries} queries"
+            )
+        if db.shape[1] != query.shape[1]:
+            raise NetVLADError(
+                f"{path}: database descriptors are {db.shape[1]}-D but query descriptors are {query.shape[1]}-D"
+            )
+        if "dim" in h5.attrs and int(h5.attrs["dim"]) != db.shape[1]:
+            raise NetVLADError(f"{path}: attribute dim={int(h5.attrs['dim'])} but the descriptors are {db.shape[1]}-D")
+        if db.shape[1] == 0:
+            raise NetVLADError(f"{path}: descriptors have 0 dimensions")
+        _check_finite(db, path, "database", batch_size)
+        _check_finite(query, path, "query", batch_size)
+        yield db, query
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+
+def example_queries(num_queries: int, num_examples: int) -> np.ndarray:
+    """``num_examples`` query indices evenly spaced over the split (deterministic, first and last included)."""
+    if num_examples <= 0 or num_queries == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.unique(np.linspace(0, num_queries - 1, min(num_examples, num_queries)).round().astype(np.int64))
+
+
+def _thumbnail(path: Path, size: tuple[int, int] = (240, 180)) -> np.ndarray | None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            im.thumbnail(size)
+            return np.asarray(im)
+    except (OSError, ValueError):
+        return None
+
+
+def draw_retrievals(
+    split: Split,
+    indices: np.ndarray,
+    correct: np.ndarray,
+    queries: np.ndarray,
+    errors_m: np.ndarray | None = None,
+    *,
+    num_matches: int = NUM_SHOWN_MATCHES,
+):
+    """A matplotlib Figure: one row per query in ``queries`` with its top ``num_matches`` database images.
+
+    ``indices`` and ``errors_m`` cover all queries; ``correct[row, rank]`` belongs to ``queries[row]``.
+    Correct matches are framed green, wrong ones red, the query blue; images are read from
+    ``split.image_root`` (a missing or unreadable file is drawn as a grey tile).
+    """
+    from matplotlib.figure import Figure
+
+    if len(queries) == 0:
+        fig = Figure(figsize=(4, 1))
+        fig.text(0.5, 0.5, "no example queries", ha="center", va="center")
+        return fig
+    cols = 1 + num_matches
+    rows = len(queries)
+    fig = Figure(figsize=(2.4 * cols, 2.0 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+
+    def show(ax, path: Path, colour: str, title: str) -> None:
+        img = _thumbnail(path)
+        if img is None:
+            ax.imshow(np.full((180, 240, 3), 200, dtype=np.uint8))
+            ax.text(120, 90, "missing", ha="center", va="center", fontsize=8, color="0.3")
+        else:
+            ax.imshow(img)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_edgecolor(colour)
+            spine.set_linewidth(4)
+        ax.set_title(title, fontsize=7)
+
+    for row, q in enumerate(queries):
+        err = "" if errors_m is None or not np.isfinite(errors_m[q]) else f", err {errors_m[q]:.0f} m"
+        show(axes[row, 0], split.image_root / split.q_paths[q], "tab:blue", f"query {q}{err}")
+        for rank in range(num_matches):
+            ax = axes[row, rank + 1]
+            db_index = int(indices[q, rank]) if rank < indices.shape[1] else -1
+            if db_index < 0:
+                ax.axis("off")
+                continue
+            dist_m = float(np.linalg.norm(split.db_utm[db_index] - split.q_utm[q]))
+            ok = bool(correct[row, rank])
+            show(
+                ax,
+                split.image_root / split.db_paths[db_index],
+                "tab:green" if ok else "tab:red",
+                f"#{rank + 1} db {db_index} ({dist_m:.0f} m)",
+            )
+    return fig
+
+
+def _format_row(values: np.ndarray, fmt: str) -> str:
+    return " ".join(fmt % v for v in values)
+
+
+def _per_query_frame(
+    split: Split,
+    indices: np.ndarray,
+    distances: np.ndarray,
+    positives: list[np.ndarray],
+    ranks: np.ndarray,
+    estimates: np.ndarray,
+    errors_m: np.ndarray,
+    top: int,
+) -> pd.DataFrame:
+    top_idx, top_dist = indices[:, :top], distances[:, :top]
+    valid = top_idx >= 0
+    return pd.DataFrame(
+        {
+            "query_index": np.arange(split.num_queries),
+            "query_path": split.q_paths,
+            "utm_east": split.q_utm[:, 0],
+            "utm_north": split.q_utm[:, 1],
+            "num_positives": [len(p) for p in positives],
+            "correct@1": (ranks == 1).astype(int),
+            "first_correct_rank": pd.Series(ranks).where(ranks > 0).astype("Int64"),  # empty: none retrieved
+            "top_indices": [_format_row(i[v], "%d") for i, v in zip(top_idx, valid)],
+            "top_distances": [_format_row(d[v], "%.6g") for d, v in zip(top_dist, valid)],
+            "estimate_east": estimates[:, 0],
+            "estimate_north": estimates[:, 1],
+            "localisation_error_m": errors_m,
+        }
+    )
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+
+
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def evaluate(
+    features_h5: str | Path,
+    split_dir: str | Path,
+    *,
+    metrics_json: str | Path,
+    plot_csv: str | Path,
+    per_query_csv: str | Path,
+    retrievals_png: str | Path | None = None,
+    model_name: str,
+    cfg: EvalConfig | None = None,
+    progress: bool = False,
+) -> dict:
+    """Rank the split's database for every query, score the rankings and write the outputs; return the metrics.
+
+    The search is exact (``IndexFlatL2``) unless ``cfg.index_factory`` is set, in which case the exact
+    search also runs and its recall is reported as ``exact_recall@N``. With ``cfg.collapse_panoramas`` each
+    ranking keeps only the best view of every database panorama (Tokyo 24/7 protocol). Bad inputs raise
+    :class:`NetVLADError` and leave every output path untouched.
+    """
+    cfg = cfg or EvalConfig()
+    cfg.validate()
+    features_h5, split_dir = Path(features_h5), Path(split_dir)
+    ns = sorted({int(n) for n in cfg.recall_ns})
+    split = load_split(split_dir)
+    positives = load_ground_truth(split_dir).positives
+    if len(positives) != split.num_queries:
+        raise NetVLADError(
+            f"{split_dir}: ground truth has {len(positives)} queries but the manifest has {split.num_queries}"
+        )
+    if split.num_queries == 0 or split.num_db == 0:
+        raise NetVLADError(f"{split_dir}: split needs at least one database image and one query")
+
+    examples = example_queries(split.num_queries, cfg.num_examples if retrievals_png is not None else 0)
+    needed = max(ns[-1], cfg.localisation_k, cfg.per_query_top, NUM_SHOWN_MATCHES if len(examples) else 1)
+    panoramas = panorama_ids_from_paths(split.db_paths) if cfg.collapse_panoramas else None
+
+    with open_features(features_h5, split, batch_size=cfg.batch_size) as (db, query):
+
+        def ranked(index_factory: str | None, index_params: str | None) -> tuple[np.ndarray, np.ndarray]:
+            if panoramas is None:
+                return search(db, query, needed, index_factory=index_factory, index_params=index_params,
+                              batch_size=cfg.batch_size, train_seed=cfg.train_seed, progress=progress)
+            views = int(np.bincount(panoramas).max())
+            k = min(needed, int(panoramas.max()) + 1)
+            dist, idx = search(db, query, k * views, index_factory=index_factory, index_params=index_params,
+                               batch_size=cfg.batch_size, train_seed=cfg.train_seed, progress=progress)
+            idx, dist = collapse_panoramas(idx, dist, panoramas, k)
+            return dist, idx
+
+        distances, indices = ranked(cfg.index_factory, cfg.index_params)
+        exact_recalls = recall_at_n(ranked(None, None)[1], positives, ns) if cfg.index_factory else None
+
+    recalls = recall_at_n(indices, positives, ns)
+    ranks = first_correct_rank(indices, positives)
+    estimates = localise(indices, distances, split.db_utm, cfg.localisation_k, cfg.localisation_weighting,
+                         temperature=cfg.localisation_temperature)
+    errors_m = localisation_errors(estimates, split.q_utm)
+    errors_or_inf = np.where(np.isnan(errors_m), np.inf, errors_m)
+
+    metrics: dict = {f"recall@{n}": recalls[n] for n in ns}
+    if exact_recalls is not None:
+        metrics.update({f"exact_recall@{n}": exact_recalls[n] for n in ns})
+    metrics.update(
+        {
+            "num_queries": split.num_queries,
+            "num_db": split.num_db,
+            "num_queries_without_positives": int(sum(len(p) == 0 for p in positives)),
+            "median_error_m": _finite_or_none(float(np.median(errors_or_inf))),
+            f"localised_within_{split.pos_dist_thr:g}m": float(np.mean(errors_or_inf <= split.pos_dist_thr)),
+            "model": model_name,
+            "dataset": split.dataset,
+            "split": split.name,
+            "index": cfg.index_factory or "Flat",
+            "collapse_panoramas": cfg.collapse_panoramas,
+            "localisation_k": cfg.localisation_k,
+            "localisation_weighting": cfg.localisation_weighting,
+        }
+    )
+
+    plot_frame = pd.DataFrame({"model": model_name, "n": ns, "recall": [recalls[n] for n in ns]})
+    per_query = _per_query_frame(split, indices, distances, positives, ranks, estimates, errors_m, cfg.per_query_top)
+    figure = None
+    if retrievals_png is not None:
+        correct = correct_matrix(indices[examples, :NUM_SHOWN_MATCHES], [positives[q] for q in examples])
+        figure = draw_retrievals(split, indices, correct, examples, errors_m)
+
+    with contextlib.ExitStack() as stack:  # every temp file is written before any is renamed into place
+        tmp_metrics = stack.enter_context(atomic_path(metrics_json))
+        tmp_plot = stack.enter_context(atomic_path(plot_csv))
+        tmp_per_query = stack.enter_context(atomic_path(per_query_csv))
+        if figure is not None:
+            figure.savefig(stack.enter_context(atomic_path(retrievals_png)), format="png", dpi=80)
+        per_query.to_csv(tmp_per_query, index=False, float_format="%.6g")
+        plot_frame.to_csv(tmp_plot, index=False, float_format="%.6g")
+        tmp_metrics.write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+

@@ -1,0 +1,235 @@
+"""Model configuration → ``PlaceModel`` (backbone + pooling + optional whitening); one-file save and load."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import NetVLADError
+from ..io import load_state, save_state
+from .backbones import build_backbone, first_mismatch, parse_backbone_name
+from .netvlad import NetVLAD
+from .pooling import POOLINGS, build_pooling
+
+MODEL_FILE_FORMAT = "netvlad-place-model"
+MODEL_FILE_VERSION = 1
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model (the weights live in the state dict next to it).
+
+    ``trainable_blocks=None`` means the backbone's default (vgg16: conv5_1..conv5_3; see ``backbones``).
+    ``mean``/``std`` are the input normalisation the data loader applies; ``whiten_dim`` is the output size of the
+    PCA-whitening layer (``None``: no whitening, the output is the pooling's).
+    """
+
+    backbone: str = "efficientnet_lite0"
+    weights: str = "imagenet"
+    trainable_blocks: int | None = None
+    pooling: str = "netvlad"
+    num_clusters: int = 64
+    vladv2: bool = False
+    gem_p: float = 3.0
+    gem_learnable: bool = True
+    input_height: int = 240
+    input_width: int = 320
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    whiten_dim: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict (tuples become lists)."""
+        out = asdict(self)
+        out["mean"], out["std"] = list(self.mean), list(self.std)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
+        """Inverse of :meth:`to_dict`; missing keys take their defaults, unknown keys are an error. Validates."""
+        if not isinstance(data, Mapping):
+            raise NetVLADError(f"model config must be a mapping, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise NetVLADError(f"unknown model config key(s) {', '.join(map(repr, unknown))}; valid: "
+                               f"{', '.join(sorted(known))}")
+        values = dict(data)
+        for key in ("mean", "std"):
+            if key in values and isinstance(values[key], (list, tuple)):
+                values[key] = tuple(values[key])
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Raise ``NetVLADError`` naming the first bad value."""
+        parse_backbone_name(self.backbone)
+        if not isinstance(self.weights, str) or not self.weights:
+            raise NetVLADError(f"weights must be 'imagenet', 'none' or a file path, got {self.weights!r}")
+        if self.trainable_blocks is not None and (not _is_int(self.trainable_blocks) or self.trainable_blocks < -1):
+            raise NetVLADError(f"trainable_blocks must be None, -1 (all) or an integer >= 0, got "
+                               f"{self.trainable_blocks!r}")
+        if not isinstance(self.pooling, str) or self.pooling.lower() not in POOLINGS:
+            raise NetVLADError(f"unknown pooling {self.pooling!r}; valid: {', '.join(POOLINGS)}")
+        if not _is_int(self.num_clusters) or self.num_clusters < 2:
+            raise NetVLADError(f"num_clusters must be an integer >= 2, got {self.num_clusters!r}")
+        if not isinstance(self.vladv2, bool):
+            raise NetVLADError(f"vladv2 must be true or false, got {self.vladv2!r}")
+        if not _is_number(self.gem_p) or not self.gem_p > 0:
+            raise NetVLADError(f"gem_p must be a finite number > 0, got {self.gem_p!r}")
+        if not isinstance(self.gem_learnable, bool):
+            raise NetVLADError(f"gem_learnable must be true or false, got {self.gem_learnable!r}")
+        for key in ("input_height", "input_width"):
+            value = getattr(self, key)
+            if not _is_int(value) or value < 16:
+                raise NetVLADError(f"{key} must be an integer >= 16 (pixels), got {value!r}")
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            if not isinstance(value, (tuple, list)) or len(value) != 3 or not all(_is_number(v) for v in value):
+                raise NetVLADError(f"{key} must be 3 finite numbers (R, G, B), got {value!r}")
+        if not all(s > 0 for s in self.std):
+            raise NetVLADError(f"std values must be > 0, got {self.std!r}")
+        if self.whiten_dim is not None and (not _is_int(self.whiten_dim) or self.whiten_dim < 1):
+            raise NetVLADError(f"whiten_dim must be None or an integer >= 1, got {self.whiten_dim!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class PlaceModel(nn.Module):
+    """Images (N, 3, H, W), normalised with the config's mean/std → (N, out_dim) L2-normalised global descriptors.
+
+    ``backbone`` gives (N, feature_dim, h, w) local features, ``pool`` aggregates them, and the optional
+    ``whitening`` (a Linear layer set by :meth:`set_whitening`) projects the pooled vector, followed by
+    L2-normalisation.
+    """
+
+    def __init__(self, backbone: nn.Module, pool: nn.Module, feature_dim: int, stride: int | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.pool = pool
+        self.register_module("whitening", None)
+        self.feature_dim = int(feature_dim)
+        self.stride = stride
+
+    @property
+    def out_dim(self) -> int:
+        """Length of the global descriptor (the whitening's output size when there is one)."""
+        return self.whitening.out_features if self.whitening is not None else int(self.pool.out_dim)
+
+    def set_whitening(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Append ``y = normalize(weight·x + bias)`` after pooling: ``weight`` (d, D), ``bias`` (d,), D = pool.out_dim.
+
+        For PCA whitening: weight = diag(1/sqrt(λ + ε))·Uᵀ, bias = −weight·μ.
+        """
+        weight, bias = torch.as_tensor(weight), torch.as_tensor(bias)
+        pooled = int(self.pool.out_dim)
+        if weight.ndim != 2 or weight.shape[1] != pooled:
+            raise NetVLADError(f"whitening weight must have shape (d, {pooled}), got {tuple(weight.shape)}")
+        if bias.shape != (weight.shape[0],):
+            raise NetVLADError(f"whitening bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if weight.shape[0] < 1:
+            raise NetVLADError("whitening must keep at least 1 dimension")
+        reference = next(self.pool.parameters(), None)
+        if reference is None:
+            reference = next(self.backbone.parameters())
+        layer = nn.Linear(pooled, weight.shape[0], device=reference.device, dtype=reference.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            layer.bias.copy_(bias)
+        self.whitening = layer
+
+    def local_descriptors(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, feature_dim, h, w) backbone features, L2-normalised along the channel axis as NetVLAD sees them."""
+        return F.normalize(self.backbone(images), p=2, dim=1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        pooled = self.pool(self.backbone(images))
+        if self.whitening is None:
+            return pooled
+        return F.normalize(self.whitening(pooled), p=2, dim=1)
+
+
+def build_model(cfg: ModelConfig, *, load_weights: bool = True, allow_download: bool = True) -> PlaceModel:
+    """Build the model ``cfg`` describes; backbone weights per ``cfg.weights`` unless ``load_weights`` is False.
+
+    The NetVLAD layer starts random (initialise it with ``model.pool.init_params(centroids, descriptors)``). With
+    ``cfg.whiten_dim`` set, the whitening layer is created with zero weights, to be filled by ``load_model``'s
+    state dict or :meth:`PlaceModel.set_whitening`.
+    """
+    cfg.validate()
+    backbone, channels, stride = build_backbone(cfg.backbone, cfg.weights if load_weights else "none",
+                                                cfg.trainable_blocks, allow_download=allow_download)
+    pool = build_pooling(cfg.pooling, channels, cfg.num_clusters, cfg.vladv2, gem_p=cfg.gem_p,
+                         gem_learnable=cfg.gem_learnable)
+    model = PlaceModel(backbone, pool, channels, stride)
+    if cfg.whiten_dim is not None:
+        if cfg.whiten_dim > pool.out_dim:
+            raise NetVLADError(f"whiten_dim {cfg.whiten_dim} exceeds the {pool.out_dim}-D pooled descriptor")
+        model.set_whitening(torch.zeros(cfg.whiten_dim, pool.out_dim), torch.zeros(cfg.whiten_dim))
+    return model
+
+
+def save_model(path: str | os.PathLike, model: PlaceModel, cfg: ModelConfig) -> Path:
+    """Write ``model`` and ``cfg`` to ONE file, atomically: ``{"config": JSON string, "state_dict": tensors}``.
+
+    ``cfg.whiten_dim`` is set from the model's whitening layer. The file loads with ``weights_only=True``.
+    """
+    whiten_dim = model.whitening.out_features if model.whitening is not None else None
+    cfg = replace(cfg, whiten_dim=whiten_dim)
+    cfg.validate()
+    backbone_name = getattr(model.backbone, "name", cfg.backbone)
+    if backbone_name != cfg.backbone:
+        raise NetVLADError(f"model has backbone {backbone_name!r} but its config says {cfg.backbone!r}")
+    payload: dict[str, Any] = {
+        "format": MODEL_FILE_FORMAT,
+        "version": MODEL_FILE_VERSION,
+        "config": json.dumps(cfg.to_dict()),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    if isinstance(model.pool, NetVLAD):
+        payload["netvlad_alpha"] = float(model.pool.alpha)
+    return save_state(path, payload)
+
+
+def load_model(path: str | os.PathLike, *, map_location: Any = "cpu") -> tuple[PlaceModel, ModelConfig]:
+    """Read a file written by :func:`save_model`: rebuild the model from its config (without downloading or
+    loading ImageNet weights), load its state dict and return ``(model in eval mode, config)``."""
+    path = Path(path)
+    payload = load_state(path, map_location=map_location)
+    if not isinstance(payload, Mapping) or not isinstance(payload.get("config"), str) \
+            or not isinstance(payload.get("state_dict"), Mapping):
+        raise NetVLADError(f"{path}: not a model file written by save_model (needs 'config' and 'state_dict')")
+    try:
+        cfg = ModelConfig.from_dict(json.loads(payload["config"]))
+    except json.JSONDecodeError as e:
+        raise NetVLADError(f"{path}: model config is not valid JSON ({e.msg})") from None
+    except NetVLADError as e:
+        raise NetVLADError(f"{path}: {e}") from None
+    model = build_model(cfg, load_weights=False, allow_download=False)
+    state = payload["state_dict"]
+    expected = model.state_dict()
+    problem = first_mismatch(expected, state)
+    unexpected = [k for k in state if k not in expected]
+    if problem is None and unexpected:
+        problem = f"unexpected key {unexpected[0]!r}"
+    if problem is not None:
+        raise NetVLADError(f"{path}: state dict does not fit its config ({cfg.backbone}, {cfg.pooling}): {problem}")
+    model.load_state_dict(state, strict=True)
+    if isinstance(model.pool, NetVLAD) and "netvlad_alpha" in payload:
+        model.pool.alpha = float(payload["netvlad_alpha"])
+    return model.eval(), cfg

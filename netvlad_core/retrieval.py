@@ -1,0 +1,277 @@
+"""Nearest-neighbour search and the place-recognition measures computed from its rankings.
+
+Pure functions on arrays (plus faiss): ``search`` ranks the database for every query, ``recall_at_n`` and
+``first_correct_rank`` score the rankings against the ground-truth positives, ``localise`` turns the top
+matches into a position estimate, and ``collapse_panoramas`` applies the Tokyo 24/7 convention of counting
+each database panorama once per ranking.
+
+Rankings are ``(M, k)`` arrays of database indices, best first; ``-1`` marks an empty slot (an approximate
+index that found fewer than ``k`` candidates, or a collapsed ranking with fewer than ``k`` panoramas) and
+its distance is ``inf``. Distances are squared L2, as faiss returns them.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import PurePosixPath
+from typing import Iterable, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .errors import NetVLADError
+
+WEIGHTINGS = ("uniform", "inverse_distance", "softmax")
+
+
+def _first_line(e: BaseException) -> str:
+    """The useful part of a faiss error: its last non-empty line, without the C++ location prefix."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    text = lines[-1] if lines else type(e).__name__
+    return re.sub(r"^Error in .*? at .*?:\d+: ", "", text)
+
+
+def _as_f32(rows) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(rows, dtype=np.float32))
+
+
+def _configure_training(index, seed: int) -> None:
+    """Seed the k-means of the IVF coarse quantiser and of the product quantiser, where present, and skip
+    polysemous training (it only serves Hamming-threshold filtering, which search never uses, and takes
+    minutes for large PQ codes)."""
+    import faiss
+
+    candidates = [index]
+    try:
+        candidates.append(faiss.downcast_index(faiss.extract_index_ivf(index)))
+    except RuntimeError:
+        pass
+    inner = index
+    while isinstance(inner, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(inner.index)
+        candidates.append(inner)
+    for candidate in candidates:
+        if hasattr(candidate, "do_polysemous_training"):
+            candidate.do_polysemous_training = False
+        for owner in (candidate, getattr(candidate, "pq", None)):
+            cp = getattr(owner, "cp", None)
+            if cp is not None:
+                cp.seed = int(seed)
+                cp.min_points_per_centroid = 1  # only silences faiss' per-call stderr warning
+
+
+def build_index(
+    db,
+    *,
+    index_factory: str | None = None,
+    index_params: str | None = None,
+    batch_size: int = 1024,
+    train_seed: int = 0,
+):
+    """A faiss L2 index holding ``db`` (an ``(N, D)`` array or h5py dataset, read ``batch_size`` rows at a time).
+
+    ``index_factory=None`` gives the exact ``IndexFlatL2``; otherwise the faiss factory string (e.g.
+    ``'IVF1024,PQ64'``, ``'PCA256,Flat'``) is built and trained on all of ``db`` with k-means seed
+    ``train_seed`` (polysemous PQ training is skipped), and ``index_params`` (a faiss ParameterSpace string
+    such as ``'nprobe=16'``) is applied.
+    """
+    import faiss
+
+    num_db, dim = int(db.shape[0]), int(db.shape[1])
+    if num_db == 0:
+        raise NetVLADError("cannot search an empty database (0 database vectors)")
+    if index_factory is None:
+        if index_params:
+            raise NetVLADError(
+                f"index parameters {index_params!r} need an index factory string (the exact index has none)"
+            )
+        index = faiss.IndexFlatL2(dim)
+    else:
+        try:
+            index = faiss.index_factory(dim, index_factory, faiss.METRIC_L2)
+        except RuntimeError as e:
+            raise NetVLADError(
+                f"index factory string {index_factory!r} is not valid for {dim}-D vectors: {_first_line(e)}"
+            ) from None
+        _configure_training(index, train_seed)
+        if not index.is_trained:
+            try:
+                index.train(_as_f32(db[:]))
+            except RuntimeError as e:
+                raise NetVLADError(
+                    f"index {index_factory!r} cannot be trained on {num_db} database vectors: {_first_line(e)}"
+                ) from None
+        if index_params:
+            try:
+                faiss.ParameterSpace().set_index_parameters(index, index_params)
+            except RuntimeError as e:
+                raise NetVLADError(
+                    f"index parameters {index_params!r} do not apply to {index_factory!r}: {_first_line(e)}"
+                ) from None
+    for start in range(0, num_db, batch_size):
+        index.add(_as_f32(db[start:start + batch_size]))
+    return index
+
+
+def search(
+    db,
+    queries,
+    k: int,
+    *,
+    index_factory: str | None = None,
+    index_params: str | None = None,
+    batch_size: int = 1024,
+    train_seed: int = 0,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest database rows of every query: ``(distances (M, k') float32, indices (M, k') int64)``.
+
+    Exact squared-L2 search (``IndexFlatL2``) unless ``index_factory`` names an approximate faiss index (see
+    :func:`build_index`). ``k' = min(k, num_db)``. ``db`` and ``queries`` may be numpy arrays or h5py
+    datasets (any float dtype); queries are searched ``batch_size`` at a time, so memory stays bounded.
+    """
+    if k < 1:
+        raise NetVLADError(f"k must be at least 1, got {k}")
+    if batch_size < 1:
+        raise NetVLADError(f"batch size must be at least 1, got {batch_size}")
+    if len(db.shape) != 2 or len(queries.shape) != 2 or db.shape[1] != queries.shape[1]:
+        raise NetVLADError(f"database shape {tuple(db.shape)} and query shape {tuple(queries.shape)} do not match")
+    index = build_index(db, index_factory=index_factory, index_params=index_params, batch_size=batch_size,
+                        train_seed=train_seed)
+    k = min(int(k), int(db.shape[0]))
+    num_queries = int(queries.shape[0])
+    distances = np.empty((num_queries, k), dtype=np.float32)
+    indices = np.empty((num_queries, k), dtype=np.int64)
+    for start in tqdm(range(0, num_queries, batch_size), desc="search", unit="batch", disable=not progress):
+        stop = min(start + batch_size, num_queries)
+        distances[start:stop], indices[start:stop] = index.search(_as_f32(queries[start:stop]), k)
+    distances[indices < 0] = np.inf
+    return distances, indices
+
+
+def correct_matrix(indices: np.ndarray, positives: Sequence[np.ndarray]) -> np.ndarray:
+    """``(M, k)`` booleans: is the database image at each rank a true positive of its query."""
+    indices = np.asarray(indices)
+    if len(positives) != len(indices):
+        raise ValueError(f"{len(indices)} rankings but {len(positives)} positive lists")
+    out = np.zeros(indices.shape, dtype=bool)
+    for row, (ranking, pos) in enumerate(zip(indices, positives)):
+        out[row] = np.isin(ranking, pos) & (ranking >= 0)
+    return out
+
+
+def first_correct_rank(indices: np.ndarray, positives: Sequence[np.ndarray]) -> np.ndarray:
+    """Per query the 1-based rank of the first true positive in its ranking; 0 when there is none."""
+    correct = correct_matrix(indices, positives)
+    return np.where(correct.any(axis=1), correct.argmax(axis=1) + 1, 0).astype(np.int64)
+
+
+def recall_at_n(indices: np.ndarray, positives: Sequence[np.ndarray], ns: Iterable[int]) -> dict[int, float]:
+    """Fraction of queries with at least one true positive among their top ``n``, for each ``n`` in ``ns``.
+
+    Queries without any positive count as failures (the denominator is every query). A ranking shorter than
+    ``n`` is taken whole, which is exact when it already holds the whole database (``k = num_db``).
+    """
+    ranks = first_correct_rank(indices, positives)
+    total = max(len(ranks), 1)
+    return {int(n): float(np.count_nonzero((ranks >= 1) & (ranks <= n)) / total) for n in ns}
+
+
+def localise(
+    indices: np.ndarray,
+    distances: np.ndarray,
+    db_utm: np.ndarray,
+    k: int = 1,
+    weighting: str = "uniform",
+    *,
+    temperature: float = 0.1,
+) -> np.ndarray:
+    """``(M, 2)`` position estimates: a weighted mean of the positions of each query's top ``k`` matches.
+
+    ``weighting``: ``uniform`` (plain mean; ``k=1`` is the top match's position), ``inverse_distance``
+    (weights ``1 / (descriptor distance + 1e-6)``, distance = sqrt of the squared L2 in ``distances``) or
+    ``softmax`` (weights ``exp(-(d² - min d²) / temperature)`` on the squared distances). Empty slots
+    (index ``-1``) get no weight; a query with no match at all gets ``NaN``.
+    """
+    if weighting not in WEIGHTINGS:
+        raise NetVLADError(f"localisation weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
+    if k < 1:
+        raise NetVLADError(f"localisation k must be at least 1, got {k}")
+    if weighting == "softmax" and not temperature > 0:
+        raise NetVLADError(f"softmax temperature must be positive, got {temperature}")
+    idx = np.asarray(indices)[:, :k]
+    dist = np.asarray(distances, dtype=np.float64)[:, :k]
+    valid = idx >= 0
+    if weighting == "uniform":
+        weights = np.ones(idx.shape)
+    elif weighting == "inverse_distance":
+        weights = 1.0 / (np.sqrt(np.clip(dist, 0.0, None)) + 1e-6)
+    else:
+        best = np.min(np.where(valid, dist, np.inf), axis=1, keepdims=True)
+        weights = np.exp(-(np.where(valid, dist, np.inf) - np.where(np.isfinite(best), best, 0.0)) / temperature)
+    weights = np.where(valid, weights, 0.0)
+    positions = np.asarray(db_utm, dtype=np.float64)[np.where(valid, idx, 0)]  # (M, k, 2)
+    total = weights.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        estimates = (weights[:, :, None] * positions).sum(axis=1) / total[:, None]
+    estimates[total == 0] = np.nan
+    return estimates
+
+
+def localisation_errors(estimates: np.ndarray, q_utm: np.ndarray) -> np.ndarray:
+    """Euclidean distance in metres between each estimate and the query's true position (NaN stays NaN)."""
+    return np.linalg.norm(np.asarray(estimates, dtype=np.float64) - np.asarray(q_utm, dtype=np.float64), axis=1)
+
+
+_VIEW_SUFFIX = re.compile(r"(_pitch\d+_yaw\d+|_\d+_\d+)$")
+
+
+def panorama_id_from_path(path: str) -> str:
+    """The panorama a database image was cut from, derived from its relative path.
+
+    Rules, first match wins:
+    - deep-visual-geo-localization names ``@utm_e@utm_n@zone@letter@lat@lon@pano_id@tile@...@.jpg`` with a
+      non-empty ``pano_id`` field: that field;
+    - Pittsburgh ``000/000829_pitch1_yaw1.jpg``: strip the ``_pitch<i>_yaw<j>`` suffix → ``000/000829``;
+    - Tokyo 24/7 ``03814/<22-char panorama id>_012_030.png`` (pitch, yaw in degrees): strip the last two
+      numeric ``_<n>`` fields → ``03814/<22-char panorama id>``;
+    - otherwise the path without its extension (every image is its own panorama).
+    """
+    name = PurePosixPath(str(path).replace("\\", "/"))
+    fields = name.name.split("@")
+    if len(fields) >= 9 and fields[7]:
+        return fields[7]
+    stem = str(name.with_suffix("")) if name.suffix else str(name)
+    return _VIEW_SUFFIX.sub("", stem)
+
+
+def panorama_ids_from_paths(paths: Sequence[str]) -> np.ndarray:
+    """Integer panorama id per database path (see :func:`panorama_id_from_path`), numbered in first-seen order."""
+    ids: dict[str, int] = {}
+    return np.array([ids.setdefault(panorama_id_from_path(p), len(ids)) for p in paths], dtype=np.int64)
+
+
+def collapse_panoramas(
+    indices: np.ndarray, distances: np.ndarray, panorama_ids: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Keep only the best-ranked view of each panorama in every ranking, then its first ``k`` entries.
+
+    Returns ``(indices (M, k) int64, distances (M, k) float32)``, in the order of the arguments.
+
+    The Tokyo 24/7 protocol (Torii et al. 2015; NetVLAD ``nnSearchPostprocess``): duplicates of a panorama
+    are suppressed before recall is counted. Rankings with fewer than ``k`` distinct panoramas are padded
+    with index ``-1`` and distance ``inf``. To guarantee ``k`` panoramas, search ``k × (views per
+    panorama)`` neighbours first.
+    """
+    indices = np.asarray(indices)
+    distances = np.asarray(distances)
+    panorama_ids = np.asarray(panorama_ids)
+    out_idx = np.full((len(indices), k), -1, dtype=np.int64)
+    out_dist = np.full((len(indices), k), np.inf, dtype=np.float32)
+    for row, (ranking, dist) in enumerate(zip(indices, distances)):
+        valid = np.flatnonzero(ranking >= 0)
+        _, first = np.unique(panorama_ids[ranking[valid]], return_index=True)
+        keep = valid[np.sort(first)][:k]
+        out_idx[row, :len(keep)] = ranking[keep]
+        out_dist[row, :len(keep)] = dist[keep]
+    return out_idx, out_dist

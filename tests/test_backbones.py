@@ -1,0 +1,295 @@
+"""Backbones (crops, freezing, offline weights), the model config, and the one-file model save/load."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from netvlad_core.errors import NetVLADError
+from netvlad_core.models import ModelConfig, NetVLAD, PlaceModel, build_backbone, build_model, load_model, save_model
+from netvlad_core.models.backbones import (EFFICIENTNET_LITE0_TENSORS, efficientnet_lite0_classifier,
+                                           efficientnet_lite0_package_file)
+
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+
+
+def trainable_params(module: nn.Module) -> set[str]:
+    return {n for n, p in module.named_parameters() if p.requires_grad}
+
+
+# ----------------------------------------------------------------------------------------------------- crops
+
+
+def test_vgg16_crop_and_default_freeze():
+    torch.manual_seed(0)
+    backbone, channels, stride = build_backbone("vgg16", "none")
+    assert (channels, stride) == (512, 16)
+    layers = list(backbone.body.features)
+    assert len(layers) == 29 and isinstance(layers[-1], nn.Conv2d)  # conv5_3, no ReLU, no max-pool
+    out = backbone(torch.randn(1, 3, 32, 48))
+    assert out.shape == (1, 512, 2, 3)
+    assert (out < 0).any()  # no ReLU after conv5_3
+    # only conv5_1..conv5_3 (features 24, 26, 28) learn
+    assert trainable_params(backbone) == {f"body.features.{i}.{t}" for i in (24, 26, 28) for t in ("weight", "bias")}
+    backbone.set_trainable_blocks(0)
+    assert trainable_params(backbone) == set()
+    backbone.set_trainable_blocks(-1)
+    assert len(trainable_params(backbone)) == 26
+    with pytest.raises(NetVLADError, match="between 0 and 13"):
+        backbone.set_trainable_blocks(14)
+
+
+def test_alexnet_crop():
+    backbone, channels, stride = build_backbone("alexnet", "none")
+    assert (channels, stride) == (256, 16)
+    assert isinstance(list(backbone.body.features)[-1], nn.Conv2d) and len(backbone.body.features) == 11
+    assert backbone(torch.randn(1, 3, 96, 128)).shape[1] == 256
+    assert trainable_params(backbone) == {"body.features.10.weight", "body.features.10.bias"}
+
+
+@pytest.mark.parametrize("name, channels, stride", [("resnet18_layer3", 256, 16), ("resnet18_layer4", 512, 32),
+                                                    ("resnet50_layer3", 1024, 16)])
+def test_resnet_crops(name, channels, stride):
+    backbone, got_channels, got_stride = build_backbone(name, "none")
+    assert (got_channels, got_stride) == (channels, stride)
+    assert backbone(torch.randn(1, 3, 64, 96)).shape == (1, channels, 64 // stride, 96 // stride)
+    last = name.split("_")[1]
+    assert trainable_params(backbone) == {n for n, _ in backbone.named_parameters() if n.startswith(f"body.{last}.")}
+
+
+def test_frozen_batch_norm_stays_in_eval_mode():
+    backbone, _, _ = build_backbone("resnet18_layer3", "none", trainable_blocks=1)
+    backbone.train()
+    assert not backbone.body.bn1.training and not backbone.body.layer2[0].bn1.training
+    assert backbone.body.layer3[0].bn1.training
+    stats = backbone.body.bn1.running_mean.clone()
+    backbone(torch.randn(2, 3, 64, 64))
+    torch.testing.assert_close(backbone.body.bn1.running_mean, stats)
+
+
+def test_timm_backbone_by_name():
+    backbone, channels, stride = build_backbone("timm:resnet18", "none")
+    assert (channels, stride) == (256, 16)  # the last stride-16 output: layer3
+    assert backbone(torch.randn(1, 3, 64, 64)).shape == (1, 256, 4, 4)
+    assert trainable_params(backbone) and all(".layer3_" in n or ".layer3." in n for n in trainable_params(backbone))
+    _, channels, stride = build_backbone("timm:resnet18:4", "none")
+    assert (channels, stride) == (512, 32)
+
+
+def test_bad_backbone_names():
+    with pytest.raises(NetVLADError, match=r"'vgg19'.*valid: vgg16, alexnet"):
+        build_backbone("vgg19", "none")
+    with pytest.raises(NetVLADError, match="resnet18_layer3"):
+        build_backbone("resnet18", "none")
+    with pytest.raises(NetVLADError, match="no model named 'not_a_model'"):
+        build_backbone("timm:not_a_model", "none")
+    with pytest.raises(NetVLADError, match="out of range"):
+        build_backbone("timm:resnet18:9", "none")
+    with pytest.raises(NetVLADError, match="trainable_blocks"):
+        build_backbone("alexnet", "none", trainable_blocks=9)
+
+
+# ------------------------------------------------------------------------------------------------- weights
+
+
+def test_imagenet_weights_offline_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(NetVLADError, match=r"vgg16-397923af\.pth.*weights=/path/to/vgg16-397923af\.pth"):
+        build_backbone("vgg16", "imagenet", allow_download=False)
+    # a file placed in the torch hub cache is what "imagenet" loads (no network involved)
+    torch.manual_seed(4)
+    cached_state = build_backbone("alexnet", "none")[0].body.state_dict()
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(cached_state, tmp_path / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth")
+    backbone, _, _ = build_backbone("alexnet", "imagenet", allow_download=False)
+    torch.testing.assert_close(backbone.body.features[10].weight, cached_state["features.10.weight"])
+
+
+def test_local_weights_file(tmp_path):
+    torch.manual_seed(1)
+    source, _, _ = build_backbone("alexnet", "none")
+    path = tmp_path / "alexnet.pth"
+    state = source.body.state_dict()
+    state["classifier.6.weight"] = torch.zeros(365, 4096)  # a classifier the crop drops is ignored
+    torch.save({"state_dict": state}, path)
+    torch.manual_seed(2)
+    loaded, _, _ = build_backbone("alexnet", str(path))
+    for key, value in source.body.state_dict().items():
+        torch.testing.assert_close(loaded.body.state_dict()[key], value)
+
+    with pytest.raises(NetVLADError, match=r"alexnet\.pth.*'features\.0\.weight' has shape \(64, 3, 11, 11\), "
+                                           r"expected \(64, 3, 3, 3\)"):
+        build_backbone("vgg16", str(path))
+    resnet = tmp_path / "resnet.pth"
+    torch.save(build_backbone("resnet18_layer3", "none")[0].body.state_dict(), resnet)
+    with pytest.raises(NetVLADError, match=r"resnet\.pth.*missing key 'features\.0\.weight'"):
+        build_backbone("vgg16", str(resnet))
+    with pytest.raises(NetVLADError, match="missing.pth"):
+        build_backbone("vgg16", str(tmp_path / "missing.pth"))
+
+
+def test_timm_local_weights_file(tmp_path):
+    import timm
+
+    full = timm.create_model("resnet18", pretrained=False)
+    path = tmp_path / "resnet18_timm.pth"
+    torch.save(full.state_dict(), path)
+    backbone, _, _ = build_backbone("timm:resnet18", str(path))
+    torch.testing.assert_close(backbone.body.layer3[1].conv2.weight, full.layer3[1].conv2.weight)
+    with pytest.raises(NetVLADError, match=r"resnet18_timm\.pth.*not a timm resnet50 state dict"):
+        build_backbone("timm:resnet50", str(path))
+
+
+def load_rgb(image: np.ndarray, size: int = 224) -> torch.Tensor:
+    x = torch.from_numpy(image).permute(2, 0, 1).float()[None] / 255.0
+    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return (x - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def test_efficientnet_lite0_packaged_weights_classify_imagenet_images():
+    from skimage import data
+
+    classifier = efficientnet_lite0_classifier("imagenet").eval()
+    with torch.no_grad():
+        logits = classifier(torch.cat([load_rgb(data.chelsea()), load_rgb(data.coffee())]))
+    assert logits.argmax(1).tolist() == [285, 967]  # Egyptian cat, espresso
+
+    backbone, channels, stride = build_backbone("efficientnet_lite0", "imagenet")
+    assert (channels, stride) == (112, 16)
+    full_state = classifier.state_dict()
+    for key, value in backbone.body.state_dict().items():
+        assert torch.equal(value, full_state[key]), key
+    assert backbone.eval()(torch.zeros(1, 3, 240, 320)).shape == (1, 112, 15, 20)
+    assert trainable_params(backbone) == {n for n, _ in backbone.named_parameters() if n.startswith("body.blocks.4.")}
+
+
+def test_efficientnet_lite0_positional_loader_checks_every_tensor(tmp_path):
+    state = torch.load(efficientnet_lite0_package_file(), weights_only=True)
+    assert len(state) == EFFICIENTNET_LITE0_TENSORS
+    keys = list(state)
+
+    wrong_shape = dict(state)
+    wrong_shape[keys[150]] = torch.zeros(3)
+    path = tmp_path / "wrong_shape.pth"
+    torch.save(wrong_shape, path)
+    with pytest.raises(NetVLADError, match=rf"wrong_shape\.pth.*{keys[150]}"):
+        build_backbone("efficientnet_lite0", str(path))
+
+    short = {k: v for k, v in state.items() if k != keys[-1]}
+    path = tmp_path / "short.pth"
+    torch.save(short, path)
+    with pytest.raises(NetVLADError, match=r"short\.pth: has 295 tensors"):
+        build_backbone("efficientnet_lite0", str(path))
+
+
+# ----------------------------------------------------------------------------------------- config and model
+
+
+def test_model_config_round_trip_and_validation():
+    cfg = ModelConfig(backbone="resnet18_layer3", weights="none", pooling="gem", trainable_blocks=2, whiten_dim=32)
+    again = ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg and isinstance(again.mean, tuple)
+    assert ModelConfig.from_dict({}) == ModelConfig()
+    ModelConfig().validate()
+    ModelConfig(backbone="timm:convnext_tiny:2").validate()
+
+    bad = {
+        "num_clusters": (1, "num_clusters.*got 1"),
+        "pooling": ("sum", "pooling 'sum'.*netvlad, max, avg, gem"),
+        "backbone": ("vgg19", "backbone 'vgg19'"),
+        "input_height": (0, "input_height.*got 0"),
+        "std": ((0.2, 0.0, 0.2), "std"),
+        "mean": ((0.5, 0.5), "mean"),
+        "whiten_dim": (0, "whiten_dim.*got 0"),
+        "trainable_blocks": (-2, "trainable_blocks.*got -2"),
+        "gem_p": (0.0, "gem_p"),
+        "vladv2": ("yes", "vladv2"),
+    }
+    for key, (value, message) in bad.items():
+        with pytest.raises(NetVLADError, match=message):
+            replace(ModelConfig(), **{key: value}).validate()
+    with pytest.raises(NetVLADError, match="unknown model config key.*'clusters'"):
+        ModelConfig.from_dict({"clusters": 4})
+
+
+def test_default_model_shapes():
+    model = build_model(ModelConfig())
+    assert model.feature_dim == 112 and model.out_dim == 64 * 112 and isinstance(model.pool, NetVLAD)
+    local = model.eval().local_descriptors(torch.zeros(1, 3, 240, 320))
+    assert local.shape == (1, 112, 15, 20)
+
+
+def small_model(tmp_path: Path) -> tuple[PlaceModel, ModelConfig]:
+    torch.manual_seed(3)
+    cfg = ModelConfig(backbone="resnet18_layer3", weights="none", num_clusters=4, input_height=64, input_width=64)
+    model = build_model(cfg).eval()
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        local = model.local_descriptors(images)
+    desc = local.permute(0, 2, 3, 1).reshape(-1, model.feature_dim).numpy()
+    model.pool.init_params(desc[:4], desc)
+    return model, cfg
+
+
+def test_place_model_forward_and_local_descriptors(tmp_path):
+    model, _ = small_model(tmp_path)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        feats = model.backbone(images)
+        local = model.local_descriptors(images)
+        torch.testing.assert_close(local, F.normalize(feats, dim=1))
+        torch.testing.assert_close(local.norm(dim=1), torch.ones(2, 4, 4))
+        torch.testing.assert_close(model(images), model.pool(feats))
+        assert model.out_dim == 4 * 256
+        weight, bias = torch.randn(16, 4 * 256), torch.randn(16)
+        model.set_whitening(weight, bias)
+        out = model(images)
+        assert model.out_dim == 16 and out.shape == (2, 16)
+        torch.testing.assert_close(out, F.normalize(model.pool(feats) @ weight.T + bias, dim=1))
+    with pytest.raises(NetVLADError, match=r"\(d, 1024\)"):
+        model.set_whitening(torch.zeros(16, 10), torch.zeros(16))
+
+
+def test_save_load_round_trip(tmp_path):
+    model, cfg = small_model(tmp_path)
+    model.set_whitening(torch.randn(8, model.out_dim), torch.randn(8))
+    path = save_model(tmp_path / "model.pt", model, cfg)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]  # written in one go, no temp left
+
+    payload = torch.load(path, weights_only=True)
+    assert json.loads(payload["config"])["whiten_dim"] == 8
+
+    loaded, loaded_cfg = load_model(path)
+    assert loaded_cfg == replace(cfg, whiten_dim=8)
+    assert loaded.pool.alpha == model.pool.alpha
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), model(images))
+        assert torch.equal(loaded.local_descriptors(images), model.local_descriptors(images))
+    assert not loaded.training
+
+
+def test_load_model_rejects_foreign_files(tmp_path):
+    model, cfg = small_model(tmp_path)
+    path = save_model(tmp_path / "model.pt", model, cfg)
+    payload = torch.load(path, weights_only=True)
+    payload["config"] = json.dumps({**json.loads(payload["config"]), "num_clusters": 5})
+    torch.save(payload, tmp_path / "mismatch.pt")
+    with pytest.raises(NetVLADError, match=r"mismatch\.pt: state dict does not fit.*"
+                                           r"'pool\.centroids' has shape \(4, 256\), expected \(5, 256\)"):
+        load_model(tmp_path / "mismatch.pt")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(NetVLADError, match=r"other\.pt: not a model file"):
+        load_model(tmp_path / "other.pt")
+    payload["config"] = json.dumps({**json.loads(payload["config"]), "pooling": "sum"})
+    torch.save(payload, tmp_path / "badcfg.pt")
+    with pytest.raises(NetVLADError, match=r"badcfg\.pt: unknown pooling 'sum'"):
+        load_model(tmp_path / "badcfg.pt")

@@ -1,0 +1,426 @@
+"""Resumable downloads against a real loopback HTTP server, safe extraction, and the download stage end to end."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from netvlad_core.datasets.manifest import load_ground_truth, load_split
+from netvlad_core.datasets.official import prepare_dataset
+from netvlad_core.datasets.specs import DBStruct, write_dbstruct
+from netvlad_core.download import fetch, resolve_spec_source, safe_extract
+from netvlad_core.errors import NetVLADError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------------------------- the server
+
+
+class RangeHandler(BaseHTTPRequestHandler):
+    """Serves ``server.files`` with ``Range: bytes=N-`` support; per-path quirks from the server's sets."""
+
+    def log_message(self, *args) -> None:  # keep test output clean
+        pass
+
+    def do_GET(self) -> None:
+        srv = self.server
+        data = srv.files.get(self.path)
+        rng = self.headers.get("Range")
+        srv.requests.append((self.path, rng))
+        if data is None:
+            self.send_error(404, "Not Found")
+            return
+        start = 0
+        if rng and self.path not in srv.ignore_range:
+            start = int(re.fullmatch(r"bytes=(\d+)-", rng).group(1))
+            if start >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.path in srv.truncate_once:  # promise everything, send half, hang up
+            srv.truncate_once.discard(self.path)
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def server():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
+    srv.files, srv.requests, srv.truncate_once, srv.ignore_range = {}, [], set(), set()
+    srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+PAYLOAD = bytes(np.random.default_rng(0).integers(0, 256, size=300_000, dtype=np.uint8))
+PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
+
+
+def part_of(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".part")
+
+
+# ----------------------------------------------------------------------------------------------- fetch
+
+
+def test_fetch_verifies_and_renames(server, tmp_path):
+    server.files["/a.bin"] = PAYLOAD
+    dest = tmp_path / "dl" / "a.bin"
+    assert fetch(server.url + "/a.bin", dest, sha256=PAYLOAD_SHA.upper(), progress=False) == PAYLOAD_SHA
+    assert dest.read_bytes() == PAYLOAD and not part_of(dest).exists()
+    assert server.requests == [("/a.bin", None)]
+
+
+def test_checksum_mismatch_names_url_and_digests_and_removes_file(server, tmp_path):
+    server.files["/a.bin"] = PAYLOAD
+    dest = tmp_path / "a.bin"
+    wrong = "0" * 64
+    with pytest.raises(NetVLADError) as err:
+        fetch(server.url + "/a.bin", dest, sha256=wrong, progress=False)
+    msg = str(err.value)
+    assert server.url + "/a.bin" in msg and wrong in msg and PAYLOAD_SHA in msg and "\n" not in msg
+    assert not dest.exists() and not part_of(dest).exists()
+    with pytest.raises(NetVLADError, match="not 64 hexadecimal digits"):
+        fetch(server.url + "/a.bin", dest, sha256="abc", progress=False)
+
+
+def test_existing_part_is_resumed_with_a_range_request(server, tmp_path):
+    server.files["/a.bin"] = PAYLOAD
+    dest = tmp_path / "a.tar.gz"
+    part_of(dest).write_bytes(PAYLOAD[:123_456])
+    assert fetch(server.url + "/a.bin", dest, sha256=PAYLOAD_SHA, progress=False) == PAYLOAD_SHA
+    assert server.requests == [("/a.bin", "bytes=123456-")]
+    assert dest.read_bytes() == PAYLOAD and not part_of(dest).exists()
+
+
+def test_interrupted_transfer_resumes_on_the_next_run(server, tmp_path):
+    server.files["/a.bin"] = PAYLOAD
+    server.truncate_once.add("/a.bin")
+    dest = tmp_path / "a.bin"
+    with pytest.raises(NetVLADError, match=r"download interrupted \(received 150000 of 300000 bytes\).*run again"):
+        fetch(server.url + "/a.bin", dest, progress=False, retries=0)
+    assert part_of(dest).read_bytes() == PAYLOAD[:150_000] and not dest.exists()
+    assert fetch(server.url + "/a.bin", dest, sha256=PAYLOAD_SHA, progress=False) == PAYLOAD_SHA
+    assert server.requests == [("/a.bin", None), ("/a.bin", "bytes=150000-")]
+    assert dest.read_bytes() == PAYLOAD
+
+
+def test_interrupted_transfer_is_retried_within_one_call(server, tmp_path):
+    server.files["/a.bin"] = PAYLOAD
+    server.truncate_once.add("/a.bin")
+    dest = tmp_path / "a.bin"
+    assert fetch(server.url + "/a.bin", dest, sha256=PAYLOAD_SHA, progress=False) == PAYLOAD_SHA
+    assert server.requests == [("/a.bin", None), ("/a.bin", "bytes=150000-")]
+
+
+def test_server_ignoring_range_restarts_from_zero(server, tmp_path):
+    server.files["/a.bin"] = PAYLOAD
+    server.ignore_range.add("/a.bin")
+    dest = tmp_path / "a.bin"
+    part_of(dest).write_bytes(b"x" * 5000)  # not even the right bytes: a 200 must overwrite them
+    assert fetch(server.url + "/a.bin", dest, sha256=PAYLOAD_SHA, progress=False) == PAYLOAD_SHA
+    assert server.requests == [("/a.bin", "bytes=5000-")]
+    assert dest.read_bytes() == PAYLOAD
+
+
+def test_416_complete_part_or_bad_part(server, tmp_path):
+    server.files["/a.bin"] = PAYLOAD
+    dest = tmp_path / "a.bin"
+    part_of(dest).write_bytes(PAYLOAD)  # complete: the server answers 416 with the same total
+    assert fetch(server.url + "/a.bin", dest, progress=False) == PAYLOAD_SHA
+    assert server.requests == [("/a.bin", f"bytes={len(PAYLOAD)}-")]
+    dest.unlink()
+    part_of(dest).write_bytes(PAYLOAD + b"junk")  # longer than the file: discarded, downloaded again
+    assert fetch(server.url + "/a.bin", dest, progress=False) == PAYLOAD_SHA
+    assert server.requests[-2:] == [("/a.bin", f"bytes={len(PAYLOAD) + 4}-"), ("/a.bin", None)]
+
+
+def test_http_and_network_errors_are_one_line(server, tmp_path):
+    with pytest.raises(NetVLADError, match=r"/missing\.tar\.gz: download failed \(HTTP 404"):
+        fetch(server.url + "/missing.tar.gz", tmp_path / "m.tar.gz", progress=False)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(NetVLADError) as err:
+        fetch(f"http://127.0.0.1:{port}/x", tmp_path / "x", progress=False)
+    assert "download failed" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(NetVLADError, match="not an http"):
+        fetch("ftp://example.org/x", tmp_path / "x", progress=False)
+
+
+# ----------------------------------------------------------------------------------------------- archives
+
+
+def make_tar(path: Path, members: list[tarfile.TarInfo | tuple[str, bytes]], mode: str = "w:gz") -> Path:
+    with tarfile.open(path, mode) as tar:
+        for m in members:
+            if isinstance(m, tarfile.TarInfo):
+                tar.addfile(m)
+            else:
+                info = tarfile.TarInfo(m[0])
+                info.size = len(m[1])
+                tar.addfile(info, io.BytesIO(m[1]))
+    return path
+
+
+@pytest.mark.parametrize("mode,suffix", [("w:gz", ".tar.gz"), ("w:bz2", ".tar.bz2"), ("w:xz", ".tar.xz"), ("w", ".tar")])
+def test_tar_formats_extract(tmp_path, mode, suffix):
+    link = tarfile.TarInfo("datasets/alias.mat")
+    link.type, link.linkname = tarfile.SYMTYPE, "a.mat"
+    archive = make_tar(tmp_path / f"x{suffix}", [("datasets/a.mat", b"A"), ("datasets/sub/b.mat", b"B"), link], mode)
+    files = safe_extract(archive, tmp_path / "out")
+    assert [f.relative_to(tmp_path / "out").as_posix() for f in files] == [
+        "datasets/a.mat", "datasets/alias.mat", "datasets/sub/b.mat"]
+    assert (tmp_path / "out/datasets/sub/b.mat").read_bytes() == b"B"
+    assert (tmp_path / "out/datasets/alias.mat").read_bytes() == b"A"
+
+
+def evil_symlink() -> tarfile.TarInfo:
+    info = tarfile.TarInfo("datasets/link")
+    info.type, info.linkname = tarfile.SYMTYPE, "../../outside"
+    return info
+
+
+def device_file() -> tarfile.TarInfo:
+    info = tarfile.TarInfo("datasets/dev")
+    info.type = tarfile.CHRTYPE
+    return info
+
+
+@pytest.mark.parametrize(
+    "bad,member,why",
+    [
+        (("../evil", b"x"), "../evil", "'..' in path"),
+        (("/tmp/abs_evil", b"x"), "/tmp/abs_evil", "absolute path"),
+        (evil_symlink(), "datasets/link", "symlink pointing outside"),
+        (device_file(), "datasets/dev", "device or special file"),
+    ],
+    ids=["dotdot", "absolute", "symlink", "device"],
+)
+def test_unsafe_tar_members_are_refused(tmp_path, bad, member, why):
+    archive = make_tar(tmp_path / "bad.tar.gz", [("datasets/ok.mat", b"ok"), bad])
+    with pytest.raises(NetVLADError) as err:
+        safe_extract(archive, tmp_path / "work" / "out")
+    msg = str(err.value)
+    assert msg.startswith(str(archive)) and repr(member) in msg and why in msg
+    assert not (tmp_path / "work" / "out").exists()  # nothing partial
+    assert not (tmp_path / "evil").exists() and not (tmp_path / "work" / "evil").exists()
+    assert [p.name for p in (tmp_path / "work").iterdir()] == []
+
+
+def test_truncated_and_foreign_archives_are_refused(tmp_path):
+    payload = bytes(np.random.default_rng(1).integers(0, 256, size=200_000, dtype=np.uint8))
+    good = make_tar(tmp_path / "good.tar.gz", [("datasets/a.mat", payload)])
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(NetVLADError, match=re.escape(str(cut))):
+        safe_extract(cut, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    zbytes = io.BytesIO()
+    with zipfile.ZipFile(zbytes, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("datasets/a.mat", payload)
+    cutzip = tmp_path / "cut.zip"
+    cutzip.write_bytes(zbytes.getvalue()[:-100])
+    with pytest.raises(NetVLADError, match=re.escape(str(cutzip))):
+        safe_extract(cutzip, tmp_path / "out")
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(NetVLADError, match=r"notes\.txt: not a tar or zip archive"):
+        safe_extract(text, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_zip_extracts_and_refuses_dotdot(tmp_path):
+    archive = tmp_path / "specs.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("netvlad/datasets/a.mat", b"A" * 1000)
+        zf.writestr("netvlad/b.mat", b"B")
+    files = safe_extract(archive, tmp_path / "out")
+    assert sorted(f.relative_to(tmp_path / "out").as_posix() for f in files) == [
+        "netvlad/b.mat", "netvlad/datasets/a.mat"]
+    assert (tmp_path / "out/netvlad/datasets/a.mat").read_bytes() == b"A" * 1000
+    bad = tmp_path / "bad.zip"
+    with zipfile.ZipFile(bad, "w") as zf:
+        zf.writestr("ok.mat", b"x")
+        zf.writestr("../evil.mat", b"x")
+    with pytest.raises(NetVLADError, match=r"bad\.zip: refusing unsafe member '\.\./evil\.mat'"):
+        safe_extract(bad, tmp_path / "out2")
+    assert not (tmp_path / "out2").exists() and not (tmp_path / "evil.mat").exists()
+
+
+# ----------------------------------------------------------------------------------------------- a tiny pitts30k
+
+
+def tiny_jpeg(path: Path, value: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 6), (value % 256, 80, 160)).save(path, format="JPEG")
+
+
+def fake_pitts30k(tmp_path: Path) -> tuple[Path, Path, dict[str, DBStruct]]:
+    """Three spec .mat files in a tar.gz (under datasets/, as the authors ship them) and the images."""
+    rng = np.random.default_rng(3)
+    specs, mats = {}, tmp_path / "mats" / "datasets"
+    for k, split in enumerate(("train", "val", "test")):
+        n_db, n_q = 6 + k, 3
+        db = [f"{k:03d}/{k:03d}{i:03d}_pitch{1 + i % 2}_yaw{1 + i % 12}.jpg" for i in range(n_db)]
+        q = [f"{k:03d}/{k:03d}{i:03d}_pitch1_yaw1.jpg" for i in range(n_q)]
+        utm_db = rng.uniform(0, 60, size=(n_db, 2)) + [584000, 4477000]
+        utm_q = utm_db[:n_q] + rng.uniform(-3, 3, size=(n_q, 2))
+        specs[split] = DBStruct(split, db, utm_db, q, utm_q)
+        write_dbstruct(mats / f"pitts30k_{split}.mat", specs[split])
+    archive = tmp_path / "netvlad_v100_datasets.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(mats, arcname="datasets")
+    images = tmp_path / "images"
+    for spec in specs.values():
+        for i, p in enumerate(spec.db_image_fns):
+            tiny_jpeg(images / p, i)
+        for i, p in enumerate(spec.q_image_fns):
+            tiny_jpeg(images / "queries_real" / p, 100 + i)
+    return archive, images, specs
+
+
+def test_prepare_dataset_end_to_end_over_http(server, tmp_path):
+    archive, images, specs = fake_pitts30k(tmp_path)
+    server.files["/data/netvlad_v100_datasets.tar.gz"] = archive.read_bytes()
+    url = server.url + "/data/netvlad_v100_datasets.tar.gz"
+    out = tmp_path / "data" / "pitts30k"
+    logged: list[str] = []
+    paths = prepare_dataset("pitts30k", out, spec=url, image_root=images, progress=False, log=logged.append)
+    assert paths == [out / "train", out / "val", out / "test"]
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    assert any(digest in line for line in logged)
+    assert sorted(p.name for p in out.iterdir()) == ["test", "train", "val"]  # nothing else in --out
+    assert (tmp_path / "data" / ".netvlad_cache").is_dir()  # the default cache sits next to --out
+
+    for split, spec in specs.items():
+        with open(out / split / "manifest.csv", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        assert [r["path"] for r in rows] == spec.db_image_fns + ["queries_real/" + q for q in spec.q_image_fns]
+        assert [r["role"] for r in rows] == ["database"] * spec.num_images + ["query"] * spec.num_queries
+        got = np.array([[float(r["utm_east"]), float(r["utm_north"])] for r in rows])
+        np.testing.assert_array_equal(got, np.vstack([spec.utm_db, spec.utm_q]))
+        meta = json.loads((out / split / "split.json").read_text())
+        assert (meta["dataset"], meta["split"], meta["num_db"], meta["num_queries"]) == (
+            "pitts30k", split, spec.num_images, spec.num_queries)
+        loaded = load_split(out / split)
+        assert loaded.image_root == images.resolve()
+        assert all(f.is_file() for f in loaded.db_files() + loaded.query_files())
+        gt = load_ground_truth(out / split)
+        for i in range(spec.num_queries):
+            d = np.linalg.norm(spec.utm_db - spec.utm_q[i], axis=1)
+            assert sorted(gt.positives[i].tolist()) == np.flatnonzero(d <= 25).tolist()
+
+    # a second run reuses the cached archive, and a pinned digest is accepted
+    n_requests = len(server.requests)
+    prepare_dataset("pitts30k", out, spec=url, image_root=images, sha256=digest, progress=False)
+    assert len(server.requests) == n_requests
+    # a wrong pin: the cached copy is dropped, fetched again, refused; --out keeps the previous result
+    before = (out / "test" / "manifest.csv").read_bytes()
+    with pytest.raises(NetVLADError, match="sha256 mismatch"):
+        prepare_dataset("pitts30k", out, spec=url, image_root=images, sha256="f" * 64, progress=False)
+    assert (out / "test" / "manifest.csv").read_bytes() == before
+
+
+def test_a_page_that_is_not_an_archive_is_not_kept_in_the_cache(server, tmp_path):
+    server.files["/netvlad_v100_datasets.tar.gz"] = b"<html>Please log in</html>"
+    with pytest.raises(NetVLADError, match=r"not a tar or zip archive.*\(the cached download was removed\)"):
+        prepare_dataset("pitts30k", tmp_path / "out", spec=server.url + "/netvlad_v100_datasets.tar.gz",
+                        image_root=tmp_path, cache_dir=tmp_path / "cache", progress=False)
+    assert not list((tmp_path / "cache").rglob("*.tar.gz*")) and not (tmp_path / "out").exists()
+
+
+def test_missing_image_leaves_out_uncreated(tmp_path):
+    archive, images, specs = fake_pitts30k(tmp_path)
+    missing = images / "queries_real" / specs["val"].q_image_fns[1]
+    missing.unlink()
+    (images / specs["val"].db_image_fns[4]).unlink()
+    out = tmp_path / "data" / "pitts30k"
+    with pytest.raises(NetVLADError) as err:
+        prepare_dataset("pitts30k", out, spec=archive, image_root=images, cache_dir=tmp_path / "cache", progress=False)
+    msg = str(err.value)
+    assert msg.startswith(f"{images.resolve()}: 2 of 10 images missing, first: {specs['val'].db_image_fns[4]}, "
+                          f"queries_real/{specs['val'].q_image_fns[1]}")
+    assert not out.exists() and not out.parent.exists()
+    # and an image root inside --out is refused (it would be replaced)
+    with pytest.raises(NetVLADError, match="inside the output folder"):
+        prepare_dataset("pitts30k", tmp_path, spec=archive, image_root=images, progress=False)
+
+
+def test_resolve_spec_source_variants(tmp_path):
+    archive, _, _ = fake_pitts30k(tmp_path)
+    work = tmp_path / "work"
+    extracted = resolve_spec_source(archive.as_uri(), work, progress=False)
+    assert sorted(p.name for p in extracted.rglob("*.mat")) == [
+        "pitts30k_test.mat", "pitts30k_train.mat", "pitts30k_val.mat"]
+    assert resolve_spec_source(tmp_path / "mats", work) == tmp_path / "mats"  # a folder holding .mat files
+    with pytest.raises(NetVLADError, match="sha256 checks an archive"):
+        resolve_spec_source(tmp_path / "mats", work, sha256="a" * 64)
+    with pytest.raises(NetVLADError, match="spec file or folder not found"):
+        resolve_spec_source(tmp_path / "nope.tar.gz", work)
+    with pytest.raises(NetVLADError, match="unsupported URL scheme 'ftp'"):
+        resolve_spec_source("ftp://example.org/x.tar.gz", work)
+
+
+# ----------------------------------------------------------------------------------------------- the stage
+
+
+def run_stage(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "stages.download", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_stage_unknown_dataset_and_help(tmp_path):
+    res = run_stage("--dataset", "paris", "--out", str(tmp_path / "out"))
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unknown dataset 'paris'")
+    assert not (tmp_path / "out").exists()
+    res = run_stage("--help")
+    assert res.returncode == 0
+    for option in ("--dataset", "--out", "--spec", "--image-root", "--sha256", "--cache-dir", "--split"):
+        assert option in res.stdout
+
+
+def test_stage_writes_splits_from_a_local_folder(tmp_path):
+    _, images, specs = fake_pitts30k(tmp_path)
+    out = tmp_path / "data" / "pitts30k"
+    res = run_stage("--dataset", "pitts30k", "--out", str(out), "--spec", str(tmp_path / "mats"),
+                    "--image-root", str(images), "--split", "test", "--no-progress")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines() == [
+        f"download: pitts30k test: {specs['test'].num_images} database images, 3 queries → {out / 'test'}"]
+    assert [p.name for p in out.iterdir()] == ["test"]
