@@ -27,6 +27,9 @@ STAGES = [
     ("kmeans", "kmeans"),
     ("features", "features"),
     ("evaluate", "evaluate"),
+    ("pca", "pca"),
+    ("localize", "localize"),
+    ("export", "export"),
 ]
 
 for _name, _module in STAGES:
