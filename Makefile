@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export DVC_NO_ANALYTICS := 1
 export PYTHONDONTWRITEBYTECODE := 1
+# dvc.yaml calls the `netvlad` console script: put the venv first on PATH for every recipe.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: install demo test bench clean-venv dvc-scm
 

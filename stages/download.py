@@ -46,7 +46,18 @@ def main(
         help="Only this split (repeatable), e.g. --split test. Default: every split of the dataset.",
     ),
     progress: bool = typer.Option(True, help="Show a progress bar while downloading."),
-    # ---- synthetic options: the lead adds --seed and the city's sizes here (see the branch below) ----
+    seed: int = typer.Option(0, help="synthetic: seed of the city and its views (another seed, another city)."),
+    width: int = typer.Option(320, help="synthetic: image width in pixels."),
+    height: int = typer.Option(240, help="synthetic: image height in pixels."),
+    train_blocks: int = typer.Option(9, help="synthetic: city blocks in the train district."),
+    val_blocks: int = typer.Option(2, help="synthetic: city blocks in the val district."),
+    test_blocks: int = typer.Option(6, help="synthetic: city blocks in the test district."),
+    db_spacing_m: float = typer.Option(4.0, help="synthetic: metres between database positions along a street."),
+    headings: int = typer.Option(4, help="synthetic: database headings (yaws) per position."),
+    train_queries: int = typer.Option(400, help="synthetic: queries in the train split."),
+    val_queries: int = typer.Option(150, help="synthetic: queries in the val split."),
+    test_queries: int = typer.Option(300, help="synthetic: queries in the test split."),
+    workers: int = typer.Option(2, help="synthetic: rendering processes."),
 ) -> None:
     """Download or read a dataset's spec and write its splits with ground-truth positives (25 m / 10 m)."""
     from netvlad_core.datasets.official import get_dataset, prepare_dataset
@@ -60,22 +71,27 @@ def main(
     sha256 = sha256 or None
     image_root = Path(image_root) if image_root else None
     info = get_dataset(dataset)
-    # ---- synthetic: LEAD ADDS THIS BRANCH -------------------------------------------------------------
-    # if info.name == "synthetic" and spec is None:
-    #     from netvlad_core.datasets.official import build_splits
-    #     from netvlad_core.datasets.synthetic import SyntheticConfig, render_dataset
-    #     from netvlad_core.io import atomic_path
-    #     cfg = SyntheticConfig(seed=seed, ...)
-    #     with atomic_path(out, is_dir=True) as tmp:            # all or nothing, images travel with --out
-    #         render_dataset(cfg, tmp / "raw")                    # raw/synthetic_{split}.mat + raw/images/
-    #         build_splits("synthetic", tmp, spec_dir=tmp / "raw", image_root=tmp / "raw" / "images")
-    #     paths = [out / s for s in ("train", "val", "test")]
-    # else:
-    # ----------------------------------------------------------------------------------------------------
-    paths = prepare_dataset(
-        info.name, out, spec=spec, image_root=image_root, sha256=sha256, cache_dir=cache_dir,
-        splits=split or None, progress=progress, log=log,
-    )
+    if info.name == "synthetic":
+        # The built-in city: rendered into --out (all or nothing), then read like Pittsburgh.
+        from netvlad_core.datasets.official import build_splits
+        from netvlad_core.datasets.synthetic import SyntheticConfig, render_dataset
+        from netvlad_core.io import atomic_path
+
+        cfg = SyntheticConfig(seed=seed, width=width, height=height, train_blocks=train_blocks,
+                              val_blocks=val_blocks, test_blocks=test_blocks, db_spacing_m=db_spacing_m,
+                              headings=headings, train_queries=train_queries, val_queries=val_queries,
+                              test_queries=test_queries)
+        cfg.validate()
+        with atomic_path(out, is_dir=True) as tmp:
+            render_dataset(cfg, tmp / "raw", workers=workers, progress=progress)
+            build_splits("synthetic", tmp, spec_dir=tmp / "raw", image_root=tmp / "raw" / "images",
+                         splits=split or None)
+        paths = [out / s.name for s in sorted(out.iterdir()) if (s / "split.json").is_file()]
+    else:
+        paths = prepare_dataset(
+            info.name, out, spec=spec, image_root=image_root, sha256=sha256, cache_dir=cache_dir,
+            splits=split or None, progress=progress, log=log,
+        )
     for path in paths:
         meta = read_json(path / "split.json")
         typer.echo(

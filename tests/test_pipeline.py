@@ -1,0 +1,105 @@
+"""The real pipeline: `dvc repro` of this repository's dvc.yaml in a temporary git repository, at tiny sizes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+# Tiny sizes: every stage runs, in about a minute or two on 2 cores.
+TINY = {
+    "download": {"width": 160, "height": 120, "train-blocks": 1, "val-blocks": 1, "test-blocks": 1,
+                 "train-queries": 24, "val-queries": 16, "test-queries": 24, "headings": 2, "db-spacing-m": 8.0,
+                 "workers": 1},
+    "sample": {"input-height": 120, "input-width": 160, "num-descriptors": 2000, "per-image": 50, "workers": 0},
+    "kmeans": {"num-clusters": 8, "iterations": 10},
+    "features": {"workers": 0},
+}
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["DVC_NO_ANALYTICS"] = "1"
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def _set_params(path: Path, overrides: dict) -> None:
+    params = yaml.safe_load(path.read_text())
+    for group, values in overrides.items():
+        params[group].update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def pipeline_repo(tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("pipeline")
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(REPO / name, repo / name)
+    (repo / ".dvc").mkdir()
+    for name in ("config", ".gitignore"):
+        shutil.copy(REPO / ".dvc" / name, repo / ".dvc" / name)
+    _set_params(repo / "params.yaml", TINY)
+    _run(["git", "init", "-q"], repo)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], repo)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "pipeline"], repo)
+    _run([str(Path(sys.executable).parent / "dvc"), "repro"], repo)
+    return repo
+
+
+def test_repro_writes_metrics_that_match_an_independent_recall(pipeline_repo):
+    metrics = json.loads((pipeline_repo / "metrics/test_offtheshelf.json").read_text())
+    split_dir = pipeline_repo / "data/dataset/test"
+    manifest = __import__("pandas").read_csv(split_dir / "manifest.csv")
+    db_xy = manifest[manifest.role == "database"][["utm_east", "utm_north"]].to_numpy()
+    q_xy = manifest[manifest.role == "query"][["utm_east", "utm_north"]].to_numpy()
+    with h5py.File(pipeline_repo / "artifacts/features/test_offtheshelf.h5") as f:
+        db, q = f["db"][()].astype(np.float64), f["query"][()].astype(np.float64)
+    assert metrics["num_queries"] == len(q_xy) == len(q)
+    # brute force: rank by squared L2, a hit is a database image within 25 m
+    order = np.argsort(((q[:, None, :] - db[None]) ** 2).sum(-1), axis=1, kind="stable")
+    geo = np.linalg.norm(q_xy[:, None, :] - db_xy[None], axis=-1)
+    hit = np.take_along_axis(geo, order, axis=1) <= 25.0
+    for n in (1, 5, 10, 20):
+        assert metrics[f"recall@{n}"] == pytest.approx(hit[:, :n].any(1).mean(), abs=1e-9), n
+    assert 0.0 <= metrics["localised_within_25m"] <= 1.0
+    assert (pipeline_repo / "metrics/retrievals_offtheshelf.png").stat().st_size > 1000
+
+
+def test_metrics_and_plots_are_visible_to_dvc(pipeline_repo):
+    dvc = str(Path(sys.executable).parent / "dvc")
+    shown = json.loads(_run([dvc, "metrics", "show", "--json"], pipeline_repo).stdout)
+    flat = json.dumps(shown)
+    assert "recall@1" in flat and "test_offtheshelf.json" in flat
+    plots = _run([dvc, "plots", "show", "--json"], pipeline_repo).stdout
+    assert "recall@N" in plots
+
+
+def test_changing_num_clusters_reruns_exactly_kmeans_and_what_follows(pipeline_repo):
+    dvc = str(Path(sys.executable).parent / "dvc")
+    _set_params(pipeline_repo / "params.yaml", {"kmeans": {"num-clusters": 6}})
+    out = _run([dvc, "repro"], pipeline_repo).stdout
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert "download" not in ran and "sample" not in ran
+    assert "kmeans" in ran and any(s.startswith("features") for s in ran) and any(s.startswith("evaluate") for s in ran)
+    with h5py.File(pipeline_repo / "artifacts/centroids.h5") as f:
+        assert f["centroids"].shape[0] == 6
