@@ -25,6 +25,7 @@ STAGES = [
     ("download", "download"),
     ("sample", "sample"),
     ("kmeans", "kmeans"),
+    ("train", "train"),
     ("features", "features"),
     ("evaluate", "evaluate"),
     ("pca", "pca"),

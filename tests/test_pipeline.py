@@ -26,6 +26,9 @@ TINY = {
     "sample": {"input-height": 120, "input-width": 160, "num-descriptors": 2000, "per-image": 50, "workers": 0},
     "kmeans": {"num-clusters": 8, "iterations": 10},
     "features": {"workers": 0},
+    "train": {"epochs": 1, "max-queries-per-epoch": 8, "cache-refresh-rate": 8, "num-negatives-sampled": 50,
+              "workers": 0, "lr": 0.01},
+    "pca": {"dim": 32, "max-images": 60, "workers": 0},
 }
 
 
@@ -85,6 +88,20 @@ def test_repro_writes_metrics_that_match_an_independent_recall(pipeline_repo):
     assert (pipeline_repo / "metrics/retrievals_offtheshelf.png").stat().st_size > 1000
 
 
+def test_every_model_is_evaluated_with_the_same_keys(pipeline_repo):
+    keys = None
+    for model in ("offtheshelf", "trained", "trained_pca"):
+        m = json.loads((pipeline_repo / f"metrics/test_{model}.json").read_text())
+        recall = {k for k in m if k.startswith("recall@")}
+        assert {"recall@1", "recall@5", "recall@10", "recall@20"} <= recall
+        keys = keys or recall
+        assert recall == keys
+    with h5py.File(pipeline_repo / "artifacts/features/test_trained_pca.h5") as f:
+        assert f["db"].shape[1] == 32
+    train_metrics = json.loads((pipeline_repo / "metrics/train/metrics.json").read_text())
+    assert "val" in json.dumps(train_metrics)
+
+
 def test_metrics_and_plots_are_visible_to_dvc(pipeline_repo):
     dvc = str(Path(sys.executable).parent / "dvc")
     shown = json.loads(_run([dvc, "metrics", "show", "--json"], pipeline_repo).stdout)
@@ -92,6 +109,7 @@ def test_metrics_and_plots_are_visible_to_dvc(pipeline_repo):
     assert "recall@1" in flat and "test_offtheshelf.json" in flat
     plots = _run([dvc, "plots", "show", "--json"], pipeline_repo).stdout
     assert "recall@N" in plots
+    assert "train/loss" in plots or "loss" in plots
 
 
 def test_changing_num_clusters_reruns_exactly_kmeans_and_what_follows(pipeline_repo):

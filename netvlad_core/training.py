@@ -1,0 +1,555 @@
+"""Weakly supervised triplet training of a place model (NetVLAD's recipe), resumable bit for bit.
+
+One epoch visits the train queries that have a database image within the training radius, in an order drawn
+from ``(seed, epoch)``, in *refresh blocks* of ``cache_refresh_rate`` queries. Each block:
+
+1. writes a checkpoint (except the first block of an epoch, whose state the previous epoch-end checkpoint holds);
+2. refreshes the descriptor cache: every database image and the block's queries are encoded with the current
+   weights by :func:`netvlad_core.features.encode_batches` (float16 on GPU, float32 on CPU; in memory or a
+   ``np.memmap`` file);
+3. mines every query of the block at once (:func:`netvlad_core.mining.mine_triplets`: one batched distance
+   computation, best positive in feature space, hard negatives violating the margin, negative cache);
+4. trains on batches of ``batch_size`` consecutive queries of the block (skipped queries drop out of their
+   batch; a batch with none left is no step). Each query contributes ``[q, p, n_1..n_k]`` images to one forward
+   pass; the loss is the sum over the batch's triplets divided by their number.
+
+After each epoch: the learning rate schedule steps (StepLR), recall@1/5/10 is measured on the validation split
+with :mod:`netvlad_core.retrieval`, the best model by recall@5 is saved to ``out``, an epoch-end checkpoint is
+written, and training stops after ``patience`` epochs without improvement (0 = never early-stop).
+
+The model runs in eval mode throughout: BatchNorm layers keep their ImageNet running statistics (their affine
+parameters still learn where trainable) and there is no dropout, so a step does not depend on how a batch is
+composed and needs no random numbers. Only parameters with ``requires_grad`` (the trainable backbone blocks
+and the pooling layer) are optimised.
+
+Checkpoints (``<checkpoint_dir>/train_state.pt``, written atomically, read with ``weights_only=True``) hold the
+model, optimiser and scheduler state, the best model so far, the negative cache, the RNG states (torch, numpy,
+python, the mining generator), the epoch, the epoch's query order and the position in it, the best recall and
+the epochs without improvement, and the DVCLive step. A checkpoint is resumed only when the hash of the
+training parameters, the initial model's config and weights, the device type and both splits matches;
+otherwise a one-line notice is printed and training starts over. The checkpoint is deleted after a successful
+finish. On CPU (deterministic algorithms on, ordered loaders) a resumed run ends with the same weights, bit for
+bit, as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import sys
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .datasets.images import load_image
+from .datasets.manifest import GroundTruth, Split
+from .device import autocast, prepare_model, to_device
+from .errors import NetVLADError
+from .features import encode_batches, image_loader, model_fingerprint
+from .io import load_state, save_state
+from .mining import MiningConfig, MiningStats, Triplets, batch_loss, empty_negative_cache, mine_triplets
+
+CHECKPOINT_NAME = "train_state.pt"
+CHECKPOINT_FORMAT = 1
+RECALL_NS = (1, 5, 10)
+# Options that change what is computed; the rest (workers, progress, paths) do not enter the checkpoint hash.
+_NOT_IN_IDENTITY = ("workers", "cache_memmap")
+
+
+@dataclass
+class TrainConfig:
+    """Training hyper-parameters; names match the ``train`` stage's options (``_`` ↔ ``-``)."""
+
+    epochs: int = 30
+    lr: float = 1e-4
+    momentum: float = 0.9
+    weight_decay: float = 1e-3
+    lr_step: int = 5
+    lr_gamma: float = 0.5
+    batch_size: int = 4
+    margin: float = 0.1
+    loss: str = "squared"
+    num_negatives: int = 10
+    num_negatives_sampled: int = 1000
+    cache_refresh_rate: int = 1000
+    patience: int = 10
+    seed: int = 0
+    max_queries_per_epoch: int = 0  # 0 = every usable query
+    encode_batch_size: int = 16
+    workers: int = 2
+    amp: str = "bf16"  # autocast on GPU: bf16, fp16 or fp32; ignored on CPU
+    cache_memmap: bool = False  # keep the database descriptor cache in a np.memmap file in the checkpoint dir
+
+    def mining(self) -> MiningConfig:
+        return MiningConfig(margin=self.margin, loss=self.loss, num_negatives=self.num_negatives,
+                            num_negatives_sampled=self.num_negatives_sampled)
+
+    def validate(self) -> None:
+        positive = {"epochs": self.epochs, "lr-step": self.lr_step, "batch-size": self.batch_size,
+                    "cache-refresh-rate": self.cache_refresh_rate, "encode-batch-size": self.encode_batch_size}
+        for name, value in positive.items():
+            if value < 1:
+                raise NetVLADError(f"{name} must be >= 1, got {value}")
+        for name, value in {"patience": self.patience, "max-queries-per-epoch": self.max_queries_per_epoch,
+                            "workers": self.workers}.items():
+            if value < 0:
+                raise NetVLADError(f"{name} must be >= 0, got {value}")
+        if not self.lr > 0:
+            raise NetVLADError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise NetVLADError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise NetVLADError(f"weight-decay must be >= 0, got {self.weight_decay}")
+        if not 0 < self.lr_gamma <= 1:
+            raise NetVLADError(f"lr-gamma must be in (0, 1], got {self.lr_gamma}")
+        if self.amp not in ("bf16", "fp16", "fp32"):
+            raise NetVLADError(f"amp must be bf16, fp16 or fp32, got {self.amp!r}")
+        self.mining().validate()
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports."""
+
+    best_recall: dict[int, float]
+    best_epoch: int  # 1-based
+    epochs_run: int
+    stopped_early: bool
+    resumed: bool
+    skipped_queries: int  # over all epochs: queries without a violating negative (or a positive)
+    out: Path
+
+
+# ----------------------------------------------------------------------------------------------- model helpers
+
+def apply_trainable_blocks(model: torch.nn.Module, model_cfg, trainable_blocks: int):
+    """Move the freeze boundary of a loaded model to ``trainable_blocks`` (backbone units counted from the end;
+    ``-1`` all, ``0`` none) via ``model.backbone.set_trainable_blocks``, and return the updated config."""
+    new_cfg = dataclasses.replace(model_cfg, trainable_blocks=trainable_blocks)
+    new_cfg.validate()
+    model.backbone.set_trainable_blocks(trainable_blocks)
+    return new_cfg
+
+
+def parse_trainable_blocks(value: str | int | None) -> int | None:
+    """``None``/``"keep"``/``"none"``/``"null"`` → ``None`` (keep the model's boundary); otherwise an integer >= -1."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "keep", "none", "null")):
+        return None
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise NetVLADError(f"trainable-blocks must be an integer >= -1 or 'keep', got {value!r}") from None
+    if n < -1:
+        raise NetVLADError(f"trainable-blocks must be an integer >= -1 or 'keep', got {value!r}")
+    return n
+
+
+def _model_dims(model_cfg) -> dict:
+    d = model_cfg.to_dict()
+    return {"height": int(d["input_height"]), "width": int(d["input_width"]),
+            "mean": list(d["mean"]), "std": list(d["std"])}
+
+
+# ---------------------------------------------------------------------------------------------- descriptor cache
+
+def encode_into(model: torch.nn.Module, files: Sequence[Path], out: np.ndarray, *, dims: dict, device: torch.device,
+                batch_size: int, num_workers: int, amp: str, progress: bool = False, desc: str = "cache") -> np.ndarray:
+    """Encode ``files`` into the rows of ``out`` (an array or memmap of the cache dtype) with the batched encoder."""
+    from tqdm import tqdm
+
+    loader = image_loader(files, height=dims["height"], width=dims["width"], mean=dims["mean"], std=dims["std"],
+                          batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
+    with tqdm(total=len(files), desc=desc, unit="img", leave=False, disable=not progress) as bar:
+        for idx, batch in encode_batches(model, loader, device, amp):
+            out[idx] = batch.astype(out.dtype, copy=False)
+            bar.update(len(idx))
+    return out
+
+
+def allocate_cache(rows: int, dim: int, dtype, memmap_path: Path | None) -> np.ndarray:
+    """An uninitialised ``(rows, dim)`` cache: in memory, or a ``np.memmap`` at ``memmap_path``."""
+    if memmap_path is None:
+        return np.empty((rows, dim), dtype=dtype)
+    memmap_path.parent.mkdir(parents=True, exist_ok=True)
+    return np.lib.format.open_memmap(memmap_path, mode="w+", dtype=dtype, shape=(rows, dim))
+
+
+def cache_dtype(device: torch.device):
+    """float16 on GPU (half the memory; mining distances are computed in float32), float32 on CPU."""
+    return np.float16 if device.type == "cuda" else np.float32
+
+
+# ----------------------------------------------------------------------------------------------- triplet images
+
+class TripletBatches(Dataset):
+    """Item ``i`` = ``(images, counts)`` of the ``i``-th batch: per query ``[q, p, n_1..n_k]`` images stacked, and
+    the number of negatives of each query."""
+
+    def __init__(self, batches: list[list[Triplets]], split: Split, dims: dict):
+        self.batches = batches
+        self.db_files, self.q_files = split.db_files(), split.query_files()
+        self.dims = dims
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def _load(self, path: Path) -> torch.Tensor:
+        d = self.dims
+        return load_image(path, d["height"], d["width"], d["mean"], d["std"])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        images, counts = [], []
+        for t in self.batches[i]:
+            images.append(self._load(self.q_files[t.query]))
+            images.append(self._load(self.db_files[t.positive]))
+            images.extend(self._load(self.db_files[n]) for n in t.negatives)
+            counts.append(len(t.negatives))
+        return torch.stack(images), torch.tensor(counts, dtype=torch.int64)
+
+
+# -------------------------------------------------------------------------------------------------- validation
+
+def validate_recall(model: torch.nn.Module, split: Split, gt: GroundTruth, *, device: torch.device, batch_size: int,
+                    num_workers: int, amp: str, dims: dict, progress: bool = False) -> dict[int, float]:
+    """recall@1/5/10 of ``model`` on ``split`` (exact faiss search over freshly encoded descriptors)."""
+    from .retrieval import recall_at_n, search
+
+    db = encode_into(model, split.db_files(), np.empty((split.num_db, model.out_dim), np.float32), dims=dims,
+                     device=device, batch_size=batch_size, num_workers=num_workers, amp=amp, progress=progress,
+                     desc="val db")
+    q = encode_into(model, split.query_files(), np.empty((split.num_queries, model.out_dim), np.float32), dims=dims,
+                    device=device, batch_size=batch_size, num_workers=num_workers, amp=amp, progress=progress,
+                    desc="val queries")
+    _, idx = search(db, q, max(RECALL_NS))
+    return recall_at_n(idx, gt.positives, RECALL_NS)
+
+
+# --------------------------------------------------------------------------------------------- RNG and identity
+
+def rng_states(mining_rng: np.random.Generator) -> dict:
+    """Every RNG state as weights-only-loadable parts (tensors, ints, strings, lists)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    version, py_state, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": [s for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": int(version), "state": [int(x) for x in py_state], "gauss_next": gauss_next},
+        "mining": mining_rng.bit_generator.state,
+    }
+
+
+def restore_rng_states(states: dict, mining_rng: np.random.Generator) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    n = states["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = states["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+    mining_rng.bit_generator.state = states["mining"]
+
+
+def split_identity(split: Split) -> str:
+    """sha256 of a split's image lists and positions (what the ground truth is computed from)."""
+    h = hashlib.sha256()
+    h.update(json.dumps([split.dataset, split.name, split.pos_dist_thr, split.non_triv_pos_dist_sq_thr]).encode())
+    for paths, utm in ((split.db_paths, split.db_utm), (split.q_paths, split.q_utm)):
+        h.update("\n".join(paths).encode())
+        h.update(np.ascontiguousarray(utm, dtype=np.float64).tobytes())
+    return h.hexdigest()
+
+
+def run_identity(cfg: TrainConfig, model_cfg, init_fingerprint: str, train_split: Split, val_split: Split,
+                 device: torch.device) -> str:
+    """The hash a checkpoint must carry to be resumed."""
+    params = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_IDENTITY}
+    blob = json.dumps({"train": params, "model": model_cfg.to_dict(), "init_weights": init_fingerprint,
+                       "train_split": split_identity(train_split), "val_split": split_identity(val_split),
+                       "device": device.type, "format": CHECKPOINT_FORMAT}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def epoch_query_order(usable: np.ndarray, seed: int, epoch: int, max_queries: int) -> np.ndarray:
+    """The queries of ``epoch`` in visiting order: a permutation drawn from ``(seed, epoch)``, cut to ``max_queries``."""
+    order = np.random.default_rng([seed, epoch]).permutation(usable)
+    return order[:max_queries] if max_queries else order
+
+
+# ----------------------------------------------------------------------------------------------------- DVCLive
+
+def trim_live_history(live_dir: Path, step: int) -> None:
+    """Drop DVCLive rows logged at ``step`` or later (after the checkpoint being resumed), so a resumed run does
+    not repeat points in the plots."""
+    for tsv in (Path(live_dir) / "plots" / "metrics").rglob("*.tsv"):
+        with open(tsv, newline="") as f:
+            rows = list(csv.reader(f, delimiter="\t"))
+        if not rows or "step" not in rows[0]:
+            continue
+        col = rows[0].index("step")
+        keep = [rows[0]] + [r for r in rows[1:] if len(r) > col and int(r[col]) < step]
+        if len(keep) != len(rows):
+            tmp = tsv.with_name(f".{tsv.name}.tmp")
+            with open(tmp, "w", newline="") as f:
+                csv.writer(f, delimiter="\t", lineterminator="\n").writerows(keep)
+            os.replace(tmp, tsv)
+
+
+# ------------------------------------------------------------------------------------------------------ the loop
+
+@contextlib.contextmanager
+def _deterministic(device: torch.device):
+    """Deterministic algorithms on CPU for the duration (restored afterwards)."""
+    if device.type != "cpu":
+        yield
+        return
+    was, was_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=was_warn)
+
+
+def _state_copy(model: torch.nn.Module) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def train(
+    model: torch.nn.Module,
+    model_cfg,
+    train_split: Split,
+    train_gt: GroundTruth,
+    val_split: Split,
+    val_gt: GroundTruth,
+    *,
+    out: str | os.PathLike,
+    live_dir: str | os.PathLike,
+    checkpoint_dir: str | os.PathLike,
+    cfg: TrainConfig,
+    device: torch.device,
+    progress: bool = True,
+    log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
+) -> TrainResult:
+    """Train ``model`` (loaded from the k-means-initialised model file, config ``model_cfg``) with triplets from
+    ``train_split``; keep the best model by validation recall@5 in ``out``. See the module docstring."""
+    from dvclive import Live
+    from tqdm import tqdm
+
+    from .models import save_model
+
+    cfg.validate()
+    out, live_dir, checkpoint_dir = Path(out), Path(live_dir), Path(checkpoint_dir)
+    checkpoint_path = checkpoint_dir / CHECKPOINT_NAME
+    if len(train_gt.train_positives) != train_split.num_queries:
+        raise NetVLADError(f"train split {train_split.name!r}: ground truth has {len(train_gt.train_positives)} "
+                           f"queries but the manifest {train_split.num_queries}")
+    if len(val_gt.positives) != val_split.num_queries:
+        raise NetVLADError(f"val split {val_split.name!r}: ground truth has {len(val_gt.positives)} queries but the "
+                           f"manifest {val_split.num_queries}")
+    usable = np.array([i for i, p in enumerate(train_gt.train_positives) if len(p)], dtype=np.int64)
+    if len(usable) == 0:
+        raise NetVLADError(f"train split {train_split.name!r}: no query has a database image within "
+                           f"{train_split.train_pos_dist_thr:g} m, nothing to train on")
+    if train_split.num_db < 2:
+        raise NetVLADError(f"train split {train_split.name!r}: needs at least 2 database images")
+
+    dims = _model_dims(model_cfg)
+    model = prepare_model(model, device).eval()
+    identity = run_identity(cfg, model_cfg, model_fingerprint(model), train_split, val_split, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise NetVLADError("the model has no trainable parameters (check trainable-blocks and the pooling)")
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.amp == "fp16" else None
+    mining_cfg = cfg.mining()
+    mining_rng = np.random.default_rng(cfg.seed)
+
+    # ---- start fresh or resume
+    state = _load_checkpoint(checkpoint_path, identity, log)
+    resumed = state is not None
+    if resumed:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        restore_rng_states(state["rng"], mining_rng)
+        neg_cache = state["negative_cache"].numpy().copy()
+        epoch, position = int(state["epoch"]), int(state["position"])
+        order = state["query_order"].numpy().copy()
+        best_recall = {int(k): float(v) for k, v in state["best_recall"].items()}
+        best_epoch, no_improve = int(state["best_epoch"]), int(state["epochs_without_improvement"])
+        best_state = state["best_model"]
+        live_step, skipped_total = int(state["live_step"]), int(state["skipped_queries"])
+        stopped = bool(state["stopped"])
+        epoch_stats = MiningStats(**{k: int(v) for k, v in state["epoch_stats"].items()})
+        trim_live_history(live_dir, live_step)
+        log(f"train: resuming from {checkpoint_path} at epoch {epoch + 1}, query {position} of {len(order)}")
+    else:
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        neg_cache = empty_negative_cache(train_split.num_queries, cfg.num_negatives)
+        epoch, position = 0, 0
+        order = epoch_query_order(usable, cfg.seed, 0, cfg.max_queries_per_epoch)
+        best_recall, best_epoch, no_improve, best_state = {}, 0, 0, None
+        live_step, skipped_total, stopped = 0, 0, False
+        epoch_stats = MiningStats()
+
+    def checkpoint() -> None:
+        save_state(checkpoint_path, {
+            "format": CHECKPOINT_FORMAT, "identity": identity,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "best_model": best_state, "negative_cache": torch.from_numpy(neg_cache.copy()),
+            "rng": rng_states(mining_rng), "epoch": epoch, "position": position,
+            "query_order": torch.from_numpy(np.asarray(order, dtype=np.int64).copy()),
+            "best_recall": {int(k): float(v) for k, v in best_recall.items()}, "best_epoch": best_epoch,
+            "epochs_without_improvement": no_improve, "live_step": live.step, "skipped_queries": skipped_total,
+            "stopped": stopped, "epoch_stats": asdict(epoch_stats),
+        })
+
+    memmap_path = checkpoint_dir / "db_cache.npy" if cfg.cache_memmap else None
+    dtype = cache_dtype(device)
+    out_dim = int(model.out_dim)
+    db_cache: np.ndarray | None = None
+
+    live = Live(dir=str(live_dir), resume=resumed, save_dvc_exp=False, dvcyaml=None)
+    live.step = live_step
+    if not resumed:
+        live.log_params({k: v for k, v in asdict(cfg).items()})
+
+    with _deterministic(device):
+        while epoch < cfg.epochs and not stopped:
+            with tqdm(total=len(order), initial=position, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="query",
+                      disable=not progress) as bar:
+                while position < len(order):
+                    if position > 0:
+                        checkpoint()
+                    block = order[position:position + cfg.cache_refresh_rate]
+                    # -- cache refresh: all database images + this block's queries, current weights
+                    if db_cache is None:
+                        db_cache = allocate_cache(train_split.num_db, out_dim, dtype, memmap_path)
+                    q_files = [train_split.query_files()[i] for i in block]
+                    encode_into(model, train_split.db_files(), db_cache, dims=dims, device=device,
+                                batch_size=cfg.encode_batch_size, num_workers=cfg.workers, amp=cfg.amp,
+                                progress=progress, desc="cache db")
+                    q_cache = encode_into(model, q_files, np.empty((len(block), out_dim), dtype), dims=dims,
+                                          device=device, batch_size=cfg.encode_batch_size, num_workers=cfg.workers,
+                                          amp=cfg.amp, progress=progress, desc="cache queries")
+                    # -- mining: one batched distance computation for the block
+                    mined, stats = mine_triplets(block, q_cache, db_cache, train_positives=train_gt.train_positives,
+                                                 positives=train_gt.positives, negative_cache=neg_cache,
+                                                 rng=mining_rng, cfg=mining_cfg, device=device)
+                    epoch_stats.add(stats)
+                    groups = [mined[i:i + cfg.batch_size] for i in range(0, len(mined), cfg.batch_size)]
+                    sizes = [len(g) for g in groups]
+                    batches = [[t for t in g if t is not None] for g in groups]
+                    nonempty = [b for b in batches if b]
+                    loader = DataLoader(TripletBatches(nonempty, train_split, dims), batch_size=None, shuffle=False,
+                                        num_workers=min(cfg.workers, len(nonempty)),
+                                        pin_memory=device.type == "cuda")
+                    loaded = iter(loader)
+                    for size, triplets in zip(sizes, batches):
+                        if triplets:
+                            images, counts = next(loaded)
+                            loss_value, _ = _train_step(model, optimizer, scaler, images, counts, device, cfg)
+                            violating = sum(len(t.negatives) for t in triplets)
+                            live.log_metric("train/loss", loss_value)
+                            live.log_metric("train/violating_fraction",
+                                            violating / (len(triplets) * cfg.num_negatives))
+                            live.log_metric("train/lr", optimizer.param_groups[0]["lr"])
+                            live.next_step()
+                            bar.set_postfix(loss=f"{loss_value:.4f}")
+                        bar.update(size)
+                    position += len(block)
+                    db_cache.flush() if isinstance(db_cache, np.memmap) else None
+            # -- end of epoch: schedule, validation, best model, early stop
+            with warnings.catch_warnings():  # an epoch whose queries were all skipped made no optimizer step
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+                scheduler.step()
+            skipped_total += epoch_stats.skipped
+            recall = validate_recall(model, val_split, val_gt, device=device, batch_size=cfg.encode_batch_size,
+                                     num_workers=cfg.workers, amp=cfg.amp, dims=dims, progress=progress)
+            for n, r in recall.items():
+                live.log_metric(f"val/recall@{n}", r)
+            live.log_metric("train/skipped_queries", epoch_stats.skipped)
+            live.log_metric("train/epoch_violating_fraction", epoch_stats.violating_fraction)
+            live.log_metric("epoch", epoch + 1)
+            live.next_step()
+            if not best_recall or recall[5] > best_recall[5]:
+                best_recall, best_epoch, no_improve = dict(recall), epoch + 1, 0
+                best_state = _state_copy(model)
+                save_model(out, model, model_cfg)
+            else:
+                no_improve += 1
+            log(f"train: epoch {epoch + 1}: recall@1/5/10 = {recall[1]:.4f}/{recall[5]:.4f}/{recall[10]:.4f}, "
+                f"{epoch_stats.skipped} of {epoch_stats.queries} queries skipped"
+                + (" (best)" if best_epoch == epoch + 1 else f", {no_improve} without improvement"))
+            stopped = cfg.patience > 0 and no_improve >= cfg.patience
+            epoch += 1
+            position = 0
+            epoch_stats = MiningStats()
+            order = epoch_query_order(usable, cfg.seed, epoch, cfg.max_queries_per_epoch)
+            checkpoint()
+
+    # ---- finish: the best weights go to `out` (rewritten so a resumed run has them even if `out` was removed)
+    final = copy.deepcopy(model).cpu() if device.type != "cpu" else model
+    final.load_state_dict(best_state)
+    save_model(out, final, model_cfg)
+    for n in RECALL_NS:
+        live.summary[f"best/recall@{n}"] = best_recall[n]
+    live.summary["best/epoch"] = best_epoch
+    live.end()
+    checkpoint_path.unlink(missing_ok=True)
+    if memmap_path is not None:
+        memmap_path.unlink(missing_ok=True)
+    return TrainResult(best_recall=best_recall, best_epoch=best_epoch, epochs_run=epoch, stopped_early=stopped,
+                       resumed=resumed, skipped_queries=skipped_total, out=out)
+
+
+def _train_step(model, optimizer, scaler, images: torch.Tensor, counts: torch.Tensor, device: torch.device,
+                cfg: TrainConfig) -> tuple[float, int]:
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(device, cfg.amp):
+        desc = model(to_device(images, device))
+    loss, num_triplets = batch_loss(desc.float(), counts.tolist(), margin=cfg.margin, loss=cfg.loss)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return float(loss.detach()), num_triplets
+
+
+def _load_checkpoint(path: Path, identity: str, log: Callable[[str], None]) -> dict | None:
+    """The checkpoint at ``path`` when it was made by this very run configuration; ``None`` (after a one-line
+    notice) when it is missing, unreadable or from other parameters."""
+    if not path.exists():
+        return None
+    try:
+        state = load_state(path)
+    except NetVLADError as e:
+        log(f"train: ignoring checkpoint: {e}; starting over")
+        return None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        log(f"train: ignoring checkpoint {path}: unknown format; starting over")
+        return None
+    if state.get("identity") != identity:
+        log(f"train: ignoring checkpoint {path}: made with other parameters, initial model or splits; starting over")
+        return None
+    return state

@@ -1,0 +1,202 @@
+"""Triplet training: a real SIGKILL mid-run resumes to bitwise the same model; foreign checkpoints are not resumed."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from netvlad_core.datasets.manifest import Split, load_split, write_split
+from netvlad_core.errors import NetVLADError
+from netvlad_core.io import load_state
+from netvlad_core.training import CHECKPOINT_NAME, TrainConfig, parse_trainable_blocks, trim_live_history
+
+REPO = Path(__file__).resolve().parents[1]
+H, W = 48, 64
+
+
+def _place_split(root: Path, name: str, num_db: int, num_q: int, seed: int) -> Path:
+    """Database every 5 m on a line; each place has its own smooth pattern; a query is its nearest place's
+    pattern plus noise, so nearby images look alike."""
+    rng = np.random.default_rng(seed)
+    patterns = rng.integers(0, 256, size=(num_db, 6, 8, 3)).astype(np.float32)
+    db_xy = np.stack([np.arange(num_db) * 5.0, np.zeros(num_db)], 1) + [500000.0, 4000000.0]
+    q_place = rng.choice(np.arange(2, num_db - 2), size=num_q, replace=False)
+    q_xy = db_xy[q_place] + rng.normal(0, 1.5, (num_q, 2))
+    images = root / "images" / name
+
+    def save(rel: str, small: np.ndarray) -> None:
+        p = images / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(small, 0, 255).astype(np.uint8)).resize((W, H), Image.BILINEAR).save(p, quality=90)
+
+    db = [f"db/{i:03d}.jpg" for i in range(num_db)]
+    q = [f"q/{i:03d}.jpg" for i in range(num_q)]
+    for i, rel in enumerate(db):
+        save(rel, patterns[i] + rng.normal(0, 20, patterns[i].shape))
+    for i, rel in enumerate(q):
+        save(rel, patterns[q_place[i]] + rng.normal(0, 30, patterns[0].shape))
+    split = Split(dataset="tiny", name=name, image_root=images, db_paths=db, db_utm=db_xy, q_paths=q, q_utm=q_xy)
+    return write_split(split, root / "splits" / name)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    """Train/val splits and a tiny k-means-initialised model (ResNet-18 to layer3, random weights, K = 4)."""
+    from netvlad_core.clustering import KMeansConfig, kmeans
+    from netvlad_core.datasets.images import load_image
+    from netvlad_core.models import ModelConfig, build_model, save_model
+
+    root = tmp_path_factory.mktemp("train")
+    train_dir = _place_split(root, "train", num_db=24, num_q=8, seed=0)
+    val_dir = _place_split(root, "val", num_db=12, num_q=4, seed=1)
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="resnet18_layer3", weights="none", trainable_blocks=1, num_clusters=4,
+                      input_height=H, input_width=W)
+    model = build_model(cfg).eval()
+    split = load_split(train_dir)
+    with torch.no_grad():
+        imgs = torch.stack([load_image(f, H, W, cfg.mean, cfg.std) for f in split.db_files()[:8]])
+        local = model.local_descriptors(imgs).flatten(2).transpose(1, 2).reshape(-1, model.feature_dim).numpy()
+    model.pool.init_params(kmeans(local, KMeansConfig(num_clusters=4, iterations=5), progress=False), local)
+    save_model(root / "init.pt", model, cfg)
+    return {"root": root, "train": train_dir, "val": val_dir, "init": root / "init.pt"}
+
+
+def _args(tiny: dict, run: str, **overrides) -> list[str]:
+    opts = {"epochs": 2, "batch-size": 2, "num-negatives": 3, "num-negatives-sampled": 8, "cache-refresh-rate": 2,
+            "margin": 3.0, "lr": 0.01, "lr-step": 1, "patience": 2, "encode-batch-size": 8, "workers": 0,
+            "seed": 7, "device": "cpu", "trainable-blocks": 1, **overrides}
+    run_dir = tiny["root"] / run
+    args = ["--init-model", str(tiny["init"]), "--train-split", str(tiny["train"]), "--val-split", str(tiny["val"]),
+            "--out", str(run_dir / "model.pt"), "--live-dir", str(run_dir / "live"),
+            "--checkpoint-dir", str(run_dir / "ckpt"), "--no-progress"]
+    for k, v in opts.items():
+        args += [f"--{k}", str(v)]
+    return args
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DVC_NO_ANALYTICS": "1", "PYTHONDONTWRITEBYTECODE": "1",
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "stages.train", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen) -> str:
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
+    return err
+
+
+def _kill_after_checkpoint(proc: subprocess.Popen, checkpoint: Path, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not checkpoint.exists():
+        assert proc.poll() is None, f"finished before its first checkpoint: {proc.stderr.read()}"
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
+
+def _weights(path: Path) -> dict:
+    return load_state(path)["state_dict"]
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"{k} differs"
+
+
+def _loss_rows(live: Path) -> list[tuple[str, str]]:
+    with open(live / "plots" / "metrics" / "train" / "loss.tsv") as f:
+        return [(r["step"], r["loss"]) for r in csv.DictReader(f, delimiter="\t")]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny) -> dict:
+    """An uninterrupted run and, side by side, the same run SIGKILLed right after its first checkpoint and rerun."""
+    root = tiny["root"]
+    reference = _start(_args(tiny, "reference"))
+    killed = _start(_args(tiny, "killed"))
+    checkpoint = root / "killed" / "ckpt" / CHECKPOINT_NAME
+    _kill_after_checkpoint(killed, checkpoint)
+    shutil.copy(checkpoint, root / "checkpoint_at_kill.pt")
+    resumed_stderr = _finish(_start(_args(tiny, "killed")))
+    _finish(reference)
+    return {"reference": root / "reference", "resumed": root / "killed", "resumed_stderr": resumed_stderr,
+            "checkpoint_at_kill": root / "checkpoint_at_kill.pt"}
+
+
+def test_sigkill_then_rerun_gives_bitwise_the_same_model(tiny, runs):
+    state = load_state(runs["checkpoint_at_kill"])
+    assert state["position"] > 0 and state["epoch"] == 0, "killed inside the first epoch"
+    assert "resuming from" in runs["resumed_stderr"]
+    reference, resumed = runs["reference"], runs["resumed"]
+    _assert_same_weights(resumed / "model.pt", reference / "model.pt")
+    init = _weights(tiny["init"])
+    trained = _weights(reference / "model.pt")
+    assert any(not torch.equal(v, init[k]) for k, v in trained.items()), "nothing trained"
+    frozen = [k for k in init if k.startswith("backbone.body.layer1.")]
+    assert frozen and all(torch.equal(trained[k], init[k]) for k in frozen), "frozen blocks moved"
+    rows = _loss_rows(reference / "live")
+    assert len(rows) == 8 and _loss_rows(resumed / "live") == rows, "DVCLive history continues without repeats"
+    assert not (resumed / "ckpt" / CHECKPOINT_NAME).exists(), "the checkpoint is removed after a successful finish"
+
+
+def test_checkpoint_from_other_params_is_not_resumed(tiny, runs, tmp_path):
+    from netvlad_core.datasets.manifest import load_ground_truth
+    from netvlad_core.models import load_model
+    from netvlad_core.training import train
+
+    cfg = TrainConfig(epochs=1, batch_size=2, num_negatives=3, num_negatives_sampled=8, cache_refresh_rate=2,
+                      margin=3.0, lr=0.02, seed=7, max_queries_per_epoch=4, encode_batch_size=8, workers=0)
+    splits = [load_split(tiny["train"]), load_ground_truth(tiny["train"]), load_split(tiny["val"]),
+              load_ground_truth(tiny["val"])]
+
+    def run(name: str, stale: bool) -> tuple[Path, list[str]]:
+        d, messages = tmp_path / name, []
+        if stale:
+            (d / "ckpt").mkdir(parents=True)
+            shutil.copy(runs["checkpoint_at_kill"], d / "ckpt" / CHECKPOINT_NAME)
+        model, model_cfg = load_model(tiny["init"])
+        train(model, model_cfg, *splits, out=d / "model.pt", live_dir=d / "live", checkpoint_dir=d / "ckpt", cfg=cfg,
+              device=torch.device("cpu"), progress=False, log=messages.append)
+        return d / "model.pt", messages
+
+    stale_model, messages = run("stale", stale=True)
+    fresh_model, fresh_messages = run("fresh", stale=False)
+    notices = [m for m in messages if "ignoring checkpoint" in m]
+    assert len(notices) == 1 and "other parameters" in notices[0] and "\n" not in notices[0]
+    assert not any("resuming" in m for m in messages)
+    assert not any("ignoring" in m for m in fresh_messages)
+    _assert_same_weights(stale_model, fresh_model)
+
+
+def test_trim_live_history_and_parse_trainable_blocks(tmp_path):
+    tsv = tmp_path / "plots" / "metrics" / "train" / "loss.tsv"
+    tsv.parent.mkdir(parents=True)
+    tsv.write_text("timestamp\tstep\tloss\n1\t0\t0.5\n2\t1\t0.4\n3\t2\t0.3\n")
+    trim_live_history(tmp_path, 2)
+    assert tsv.read_text() == "timestamp\tstep\tloss\n1\t0\t0.5\n2\t1\t0.4\n"
+    assert parse_trainable_blocks("keep") is None and parse_trainable_blocks("None") is None
+    assert parse_trainable_blocks("2") == 2 and parse_trainable_blocks(-1) == -1
+    with pytest.raises(NetVLADError):
+        parse_trainable_blocks("-3")
+    with pytest.raises(NetVLADError):
+        TrainConfig(loss="cosine").validate()
+    with pytest.raises(NetVLADError):
+        TrainConfig(cache_refresh_rate=0).validate()
