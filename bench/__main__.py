@@ -10,6 +10,7 @@ import sys
 
 MODULES = [
     "netvlad_layer",
+    "distributed",
 ]
 
 

@@ -14,6 +14,7 @@ import torch
 
 from .datasets.manifest import Split
 from .device import autocast, prepare_model, to_device
+from .distributed import DistContext, barrier, gather_batch, num_rounds, pad_rounds, shard_indices
 from .errors import NetVLADError
 from .io import atomic_path
 
@@ -48,13 +49,34 @@ def choose_images(num_db: int, num_images: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(num_db, size=min(num_images, num_db), replace=False))
 
 
+def plan_locations(num_images: int, per_image: int, total: int, locations: int, seed: int
+                   ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Which feature-map locations each chosen image contributes: ``(offsets, picks)`` where image ``j``'s
+    ``len(picks[j])`` descriptors go to rows ``offsets[j]…`` of the sample. Drawn with ``seed`` image by image in
+    order (``per_image`` each, the last image fewer so the sample has ``total`` rows), so every rank of a
+    distributed run computes the same plan whatever images it encodes."""
+    rng = np.random.default_rng(seed)
+    offsets = np.zeros(num_images, dtype=np.int64)
+    picks: list[np.ndarray] = []
+    filled = 0
+    for j in range(num_images):
+        take = min(per_image, total - filled)
+        offsets[j] = filled
+        picks.append(rng.choice(locations, size=take, replace=False) if take > 0 else np.zeros(0, np.int64))
+        filled += max(take, 0)
+    return offsets, picks
+
+
 @torch.no_grad()
 def sample_descriptors(model, model_config: dict, split: Split, out_h5: str | os.PathLike, *,
-                       device: torch.device, cfg: SampleConfig, progress: bool = True) -> Path:
+                       device: torch.device, cfg: SampleConfig, progress: bool = True,
+                       dist: DistContext | None = None) -> Path:
     """Sample ``cfg.num_descriptors`` local descriptors, ``cfg.per_image`` per image, from randomly chosen
     database images of ``split``; descriptors are L2-normalised as the NetVLAD layer sees them.
 
     Writes ``descriptors`` (float32, M × D) and ``image_indices`` (M,) to ``out_h5`` with the config recorded.
+    Under torchrun (``dist`` with several processes) each rank encodes its blocks of the chosen images, the
+    sampled rows are gathered, and rank 0 alone writes the same file a single process would.
     """
     import h5py
     from tqdm import tqdm
@@ -80,37 +102,58 @@ def sample_descriptors(model, model_config: dict, split: Split, out_h5: str | os
     if total < cfg.num_descriptors:
         warnings.warn(f"only {len(chosen)} database images: sampling {total} descriptors instead of {cfg.num_descriptors}")
     files = [split.db_files()[i] for i in chosen]
+    offsets, picks = plan_locations(len(files), per_image, total, locations, cfg.seed + 1)
+    distributed = dist is not None and dist.enabled
+    mine = shard_indices(len(files), dist.rank, dist.world_size, block=cfg.batch_size) if distributed else None
     loader = image_loader(files, height=h, width=w, mean=model_config["mean"], std=model_config["std"],
-                          batch_size=cfg.batch_size, num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
-    rng = np.random.default_rng(cfg.seed + 1)
-    descriptors = np.empty((total, dim), dtype=np.float32)
-    image_indices = np.empty(total, dtype=np.int64)
-    filled = 0
-    with torch.inference_mode(), tqdm(total=len(files), desc="sample", unit="img", disable=not progress) as bar:
-        for images, idx in loader:
+                          batch_size=cfg.batch_size, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+                          indices=mine)
+    is_main = dist is None or dist.is_main
+    descriptors = np.empty((total, dim), dtype=np.float32) if is_main else None
+    image_indices = np.empty(total, dtype=np.int64) if is_main else None
+
+    def local_batches():
+        for images, idx in (loader if mine is None or len(mine) else ()):
             with autocast(device):
                 local = model.local_descriptors(to_device(images, device)).float()
             local = local.flatten(2).transpose(1, 2).cpu().numpy()  # N × HW × D
-            for j, i in enumerate(idx.numpy()):
-                take = min(per_image, total - filled)
-                if take <= 0:
-                    break
-                loc = rng.choice(local.shape[1], size=take, replace=False)
-                descriptors[filled:filled + take] = local[j, loc]
-                image_indices[filled:filled + take] = chosen[i]
-                filled += take
-            bar.update(len(idx))
-    out_h5 = Path(out_h5)
-    with atomic_path(out_h5) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("descriptors", data=descriptors)
-            f.create_dataset("image_indices", data=image_indices)
-            f.attrs["model"] = json.dumps(model_config, sort_keys=True)
-            f.attrs["sample_config"] = json.dumps(asdict(cfg), sort_keys=True)
-            f.attrs["split"] = split.name
-            f.attrs["dataset"] = split.dataset
-            f.attrs["per_image"] = per_image
-    return out_h5
+            idx = idx.numpy()
+            rows = np.concatenate([local[j, picks[i]] for j, i in enumerate(idx)])
+            slots = np.concatenate([offsets[i] + np.arange(len(picks[i])) for i in idx])
+            yield idx, rows, slots
+
+    batches = local_batches()
+    if distributed:
+        batches = pad_rounds(batches, num_rounds(len(files), cfg.batch_size, dist.world_size))
+    with torch.inference_mode(), tqdm(total=len(files), desc="sample", unit="img",
+                                      disable=not (progress and is_main)) as bar:
+        for item in batches:
+            if distributed:  # every rank receives the round's sampled rows (slots = their rows in the sample)
+                idx, rows, slots = item if item is not None else (None, None, None)
+                slots, rows = gather_batch(rows, slots, ctx=dist, capacity=cfg.batch_size * per_image, dim=dim,
+                                           what="gathering sampled descriptors")
+                done = len(np.unique(np.searchsorted(offsets, slots, side="right")))
+            else:
+                _, rows, slots = item
+                done = len(item[0])
+            if descriptors is not None:
+                descriptors[slots] = rows
+                image_indices[slots] = chosen[np.searchsorted(offsets, slots, side="right") - 1]
+            bar.update(done)
+    if is_main:
+        out_h5 = Path(out_h5)
+        with atomic_path(out_h5) as tmp:
+            with h5py.File(tmp, "w") as f:
+                f.create_dataset("descriptors", data=descriptors)
+                f.create_dataset("image_indices", data=image_indices)
+                f.attrs["model"] = json.dumps(model_config, sort_keys=True)
+                f.attrs["sample_config"] = json.dumps(asdict(cfg), sort_keys=True)
+                f.attrs["split"] = split.name
+                f.attrs["dataset"] = split.dataset
+                f.attrs["per_image"] = per_image
+    if dist is not None:
+        barrier(dist, "waiting for rank 0 to write the descriptor sample")
+    return Path(out_h5)
 
 
 def read_descriptors(path: str | os.PathLike) -> tuple[np.ndarray, dict]:

@@ -6,10 +6,17 @@ image lists, float32 (or float16 on request); attributes ``complete`` (True once
 
 While running, the file lives under a hidden ``.<name>.partial`` sibling with progress counters; an interrupted run
 resumes there if the model, split and options are the same, and only a finished file is renamed to the final name.
+
+Under torchrun (a :class:`~netvlad_core.distributed.DistContext` with several processes) every rank encodes its
+blocks of each round of ``world × batch_size`` images (:mod:`netvlad_core.distributed`), the round's rows are
+gathered in image order, and only rank 0 touches the files: the same partial file, the same progress counters
+(committed after whole rounds), so an interrupted run resumes from rank 0's counters with any number of processes.
+Each rank's batches are the single-process run's batches, so the rows equal a single-process run's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,6 +31,7 @@ from torch.utils.data import DataLoader, Subset
 from .datasets.images import ImageFiles
 from .datasets.manifest import Split
 from .device import autocast, prepare_model, to_device
+from .distributed import DistContext, barrier, broadcast_object, gather_batch, num_rounds, pad_rounds, shard_indices
 from .errors import NetVLADError
 
 
@@ -55,10 +63,14 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 def image_loader(files: Sequence[Path], *, height: int, width: int, mean, std, batch_size: int,
-                 num_workers: int, start: int = 0, pin_memory: bool = False) -> DataLoader:
-    """Batches ``(images, indices)`` of ``files[start:]`` in order."""
+                 num_workers: int, start: int = 0, pin_memory: bool = False,
+                 indices: Sequence[int] | None = None) -> DataLoader:
+    """Batches ``(images, indices)`` of ``files[start:]`` (or of ``files[i] for i in indices``) in order; the
+    indices are positions in ``files``."""
     ds = ImageFiles(files, height, width, mean, std)
-    if start:
+    if indices is not None:
+        ds = Subset(ds, [int(i) for i in indices])
+    elif start:
         ds = Subset(ds, range(start, len(files)))
     return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                       pin_memory=pin_memory, persistent_workers=False)
@@ -75,22 +87,57 @@ def encode_batches(model: torch.nn.Module, loader: DataLoader, device: torch.dev
         yield idx.numpy(), out.float().cpu().numpy()
 
 
+def encode_rounds(model: torch.nn.Module, files: Sequence[Path], *, height: int, width: int, mean, std,
+                  device: torch.device, batch_size: int, num_workers: int, amp: str = "bf16",
+                  dist: DistContext | None = None, start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield ``(indices, descriptors float32)`` covering ``files[start:]`` in image order, on every rank.
+
+    Single process: :func:`encode_batches`, one batch at a time. Under torchrun: one item per round of
+    ``world × batch_size`` images, each rank encoding its ``batch_size`` block (the single-process run's batch
+    ``round·world + rank``) and every rank receiving the whole round. Every rank must consume every item.
+    """
+    loader_args = dict(height=height, width=width, mean=mean, std=std, batch_size=batch_size,
+                       num_workers=num_workers, pin_memory=device.type == "cuda")
+    if dist is None or not dist.enabled:
+        yield from encode_batches(model, image_loader(files, start=start, **loader_args), device, amp)
+        return
+    mine = shard_indices(len(files), dist.rank, dist.world_size, block=batch_size, start=start)
+    rounds = num_rounds(len(files), batch_size, dist.world_size, start)
+    local = encode_batches(model, image_loader(files, indices=mine, **loader_args), device, amp) if len(mine) else \
+        iter(())
+    dim = int(model.out_dim)
+    for item in pad_rounds(local, rounds):
+        idx, rows = item if item is not None else (None, None)
+        yield gather_batch(rows, idx, ctx=dist, capacity=batch_size, dim=dim, what="gathering descriptors")
+
+
 def encode_images(model: torch.nn.Module, files: Sequence[Path], *, height: int, width: int, mean, std,
-                  device: torch.device, cfg: FeatureConfig, progress: bool = True, desc: str = "encode") -> np.ndarray:
-    """All descriptors of ``files`` in memory as one float32 (or float16) array, in order."""
+                  device: torch.device, cfg: FeatureConfig, progress: bool = True, desc: str = "encode",
+                  dist: DistContext | None = None, result_on: str = "all") -> np.ndarray | None:
+    """All descriptors of ``files`` in memory as one float32 (or float16) array, in order.
+
+    Under torchrun the images are sharded over the ranks (:func:`encode_rounds`); the array is returned on every
+    rank (``result_on="all"``) or only on rank 0 (``"main"``: the other ranks get ``None`` and hold no copy).
+    """
     from tqdm import tqdm
 
-    loader = image_loader(files, height=height, width=width, mean=mean, std=std, batch_size=cfg.batch_size,
-                          num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
-    out: np.ndarray | None = None
-    with tqdm(total=len(files), desc=desc, unit="img", disable=not progress) as bar:
-        for idx, desc_batch in encode_batches(model, loader, device, cfg.amp):
-            if out is None:
-                out = np.empty((len(files), desc_batch.shape[1]), dtype=np.float16 if cfg.float16 else np.float32)
-            out[idx] = desc_batch
-            bar.update(len(idx))
-    if out is None:
+    if result_on not in ("all", "main"):
+        raise ValueError(f"result_on must be 'all' or 'main', got {result_on!r}")
+    if not len(files):
         raise NetVLADError("no images to encode")
+    keep = dist is None or result_on == "all" or dist.is_main
+    show = progress and (dist is None or dist.is_main)
+    out: np.ndarray | None = None
+    with tqdm(total=len(files), desc=desc, unit="img", disable=not show) as bar:
+        for idx, desc_batch in encode_rounds(model, files, height=height, width=width, mean=mean, std=std,
+                                             device=device, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                                             amp=cfg.amp, dist=dist):
+            if keep:
+                if out is None:
+                    out = np.empty((len(files), desc_batch.shape[1]),
+                                   dtype=np.float16 if cfg.float16 else np.float32)
+                out[idx] = desc_batch
+            bar.update(len(idx))
     return out
 
 
@@ -99,8 +146,12 @@ def _partial_path(out_h5: Path) -> Path:
 
 
 def extract_split_features(model, model_config: dict, split: Split, out_h5: str | os.PathLike, *,
-                           device: torch.device, cfg: FeatureConfig, progress: bool = True) -> Path:
-    """Encode every database and query image of ``split`` with ``model`` into ``out_h5`` (resumable)."""
+                           device: torch.device, cfg: FeatureConfig, progress: bool = True,
+                           dist: DistContext | None = None) -> Path:
+    """Encode every database and query image of ``split`` with ``model`` into ``out_h5`` (resumable).
+
+    Under torchrun (``dist`` with several processes) the images are sharded over the ranks and rank 0 alone
+    writes (and resumes) the file; every rank returns once the final file exists."""
     import h5py
     from tqdm import tqdm
 
@@ -117,53 +168,69 @@ def extract_split_features(model, model_config: dict, split: Split, out_h5: str 
                            "dtype": np.dtype(dtype).name, "height": model_config["input_height"],
                            "width": model_config["input_width"]}, sort_keys=True)
 
-    resume = False
-    if partial.exists():
-        try:
-            with h5py.File(partial, "r") as h5:
-                resume = h5.attrs.get("identity") == identity
-        except OSError:
+    is_main = dist is None or dist.is_main
+    show = progress and is_main
+    with contextlib.ExitStack() as stack:
+        h5 = None
+        done_by_role: dict[str, int] = {}
+        if is_main:  # only rank 0 opens, resumes and writes the partial file
             resume = False
-        if not resume:
-            partial.unlink()
-    mode = "r+" if resume else "w"
-    with h5py.File(partial, mode) as h5:
-        if not resume:
-            h5.attrs["identity"] = identity
-            h5.attrs["complete"] = False
-            for role, n in (("db", split.num_db), ("query", split.num_queries)):
-                h5.create_dataset(role, shape=(n, dim), dtype=dtype, chunks=(min(max(n, 1), 256), dim))
-                h5.attrs[f"{role}_done"] = 0
+            if partial.exists():
+                try:
+                    with h5py.File(partial, "r") as old:
+                        resume = old.attrs.get("identity") == identity
+                except OSError:
+                    resume = False
+                if not resume:
+                    partial.unlink()
+            h5 = stack.enter_context(h5py.File(partial, "r+" if resume else "w"))
+            if not resume:
+                h5.attrs["identity"] = identity
+                h5.attrs["complete"] = False
+                for role, n in (("db", split.num_db), ("query", split.num_queries)):
+                    h5.create_dataset(role, shape=(n, dim), dtype=dtype, chunks=(min(max(n, 1), 256), dim))
+                    h5.attrs[f"{role}_done"] = 0
+            done_by_role = {role: int(h5.attrs[f"{role}_done"]) for role in ("db", "query")}
+        if dist is not None:
+            done_by_role = broadcast_object(done_by_role, dist, what="sharing the resume position")
         for role, files in (("db", split.db_files()), ("query", split.query_files())):
-            done = int(h5.attrs[f"{role}_done"])
+            done = done_by_role[role]
             if done >= len(files):
                 continue
-            loader = image_loader(files, height=model_config["input_height"], width=model_config["input_width"],
-                                  mean=model_config["mean"], std=model_config["std"], batch_size=cfg.batch_size,
-                                  num_workers=cfg.num_workers, start=done, pin_memory=device.type == "cuda")
-            dset = h5[role]
+            dset = h5[role] if h5 is not None else None
+            rounds = encode_rounds(model, files, height=model_config["input_height"],
+                                   width=model_config["input_width"], mean=model_config["mean"],
+                                   std=model_config["std"], device=device, batch_size=cfg.batch_size,
+                                   num_workers=cfg.num_workers, amp=cfg.amp, dist=dist, start=done)
             with tqdm(total=len(files), initial=done, desc=f"{split.name} {role}", unit="img",
-                      disable=not progress) as bar:
-                for b, (idx, desc) in enumerate(encode_batches(model, loader, device, cfg.amp)):
-                    lo = int(idx[0])  # ImageFiles yields original indices, also through Subset
-                    if not np.isfinite(desc).all():
-                        raise NetVLADError(f"{files[lo]}: the model produced NaN/inf descriptors for this batch")
-                    dset[lo:lo + len(idx)] = desc.astype(dtype)
+                      disable=not show) as bar:
+                for b, (idx, desc) in enumerate(rounds):
+                    lo = int(idx[0])  # a batch (or a round) is a contiguous run of original indices
+                    if not np.isfinite(desc).all():  # every rank sees the round: all raise the same error
+                        bad = lo + int(np.flatnonzero(~np.isfinite(desc).all(axis=1))[0]) if dist is not None else lo
+                        raise NetVLADError(f"{files[bad]}: the model produced NaN/inf descriptors for this batch")
+                    if dset is not None:
+                        dset[lo:lo + len(idx)] = desc.astype(dtype)
+                        if (b + 1) % cfg.flush_every == 0:
+                            h5.attrs[f"{role}_done"] = lo + len(idx)
+                            h5.flush()
                     bar.update(len(idx))
-                    if (b + 1) % cfg.flush_every == 0:
-                        h5.attrs[f"{role}_done"] = lo + len(idx)
-                        h5.flush()
-            h5.attrs[f"{role}_done"] = len(files)
-            h5.flush()
-        h5.attrs["split"] = split.name
-        h5.attrs["dataset"] = split.dataset
-        h5.attrs["model"] = json.dumps(model_config, sort_keys=True)
-        h5.attrs["model_fingerprint"] = fingerprint
-        h5.attrs["dim"] = dim
-        h5.attrs["dtype"] = np.dtype(dtype).name
-        h5.attrs["feature_config"] = json.dumps(asdict(cfg), sort_keys=True)
-        h5.attrs["complete"] = True
-    os.replace(partial, out_h5)
+            if h5 is not None:
+                h5.attrs[f"{role}_done"] = len(files)
+                h5.flush()
+        if h5 is not None:
+            h5.attrs["split"] = split.name
+            h5.attrs["dataset"] = split.dataset
+            h5.attrs["model"] = json.dumps(model_config, sort_keys=True)
+            h5.attrs["model_fingerprint"] = fingerprint
+            h5.attrs["dim"] = dim
+            h5.attrs["dtype"] = np.dtype(dtype).name
+            h5.attrs["feature_config"] = json.dumps(asdict(cfg), sort_keys=True)
+            h5.attrs["complete"] = True
+    if is_main:
+        os.replace(partial, out_h5)
+    if dist is not None:
+        barrier(dist, "waiting for rank 0 to finish the features file")
     return out_h5
 
 

@@ -20,10 +20,12 @@ def main(
     amp: str = typer.Option("bf16", help="Autocast dtype on GPU: bf16, fp16 or fp32 (ignored on CPU)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    dist_timeout: float = typer.Option(600.0, help="Under torchrun: seconds a process waits for the others in a collective before failing with an error (a dead or stuck peer)."),
 ) -> None:
-    """Encode every database and query image of a split; an interrupted run resumes where it stopped."""
+    """Encode every database and query image of a split; an interrupted run resumes where it stopped.
+    Under torchrun the images are shared out among the processes and rank 0 writes the file."""
     from netvlad_core.datasets.manifest import load_split
-    from netvlad_core.device import select_device
+    from netvlad_core.distributed import distributed_session
     from netvlad_core.features import FeatureConfig, extract_split_features
     from netvlad_core.models import load_model
 
@@ -31,9 +33,12 @@ def main(
     cfg.validate()
     split = load_split(split_dir)
     net, model_cfg = load_model(model)
-    extract_split_features(net, model_cfg.to_dict(), split, out, device=select_device(device), cfg=cfg,
-                           progress=progress)
-    typer.echo(f"features: {split.num_db} database + {split.num_queries} query descriptors -> {out}")
+    with distributed_session(device, dist_timeout) as dist:
+        extract_split_features(net, model_cfg.to_dict(), split, out, device=dist.device, cfg=cfg,
+                               progress=progress, dist=dist)
+        if dist.is_main:
+            typer.echo(f"features: {split.num_db} database + {split.num_queries} query descriptors -> {out}"
+                       + (f" ({dist.world_size} processes)" if dist.enabled else ""))
 
 
 if __name__ == "__main__":

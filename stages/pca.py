@@ -22,10 +22,11 @@ def main(
     amp: str = typer.Option("bf16", help="Autocast dtype on GPU while encoding: bf16, fp16 or fp32 (ignored on CPU)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    dist_timeout: float = typer.Option(600.0, help="Under torchrun: seconds a process waits for the others in a collective before failing with an error (a dead or stuck peer)."),
 ) -> None:
     """Fit PCA whitening (y = diag(1/sqrt(λ+1e-9))·Uᵀ·(x−μ), then L2-normalise) and append it to the model."""
     from netvlad_core.datasets.manifest import load_split
-    from netvlad_core.device import select_device
+    from netvlad_core.distributed import distributed_session
     from netvlad_core.features import FeatureConfig
     from netvlad_core.models import load_model, save_model
     from netvlad_core.models.whitening import PCAConfig, fit_model_whitening
@@ -37,8 +38,11 @@ def main(
     split = load_split(split_dir)
     net, model_cfg = load_model(model)
     replaced = net.whitening is not None
-    whitening = fit_model_whitening(net, model_cfg, split, device=select_device(device), cfg=cfg,
-                                    feature_cfg=feature_cfg, progress=progress)
+    with distributed_session(device, dist_timeout) as dist:  # under torchrun: sharded descriptor pass
+        whitening = fit_model_whitening(net, model_cfg, split, device=dist.device, cfg=cfg,
+                                        feature_cfg=feature_cfg, progress=progress, dist=dist)
+    if whitening is None:  # not rank 0: rank 0 fits and writes the model
+        return
     save_model(out, net, model_cfg)
     note = " (replaced the model's previous whitening)" if replaced else ""
     typer.echo(f"pca: {whitening.input_dim}-D -> {whitening.dim}-D whitening fitted on {whitening.num_samples} "

@@ -24,11 +24,12 @@ def main(
     workers: int = typer.Option(2, help="DataLoader worker processes for decoding images."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    dist_timeout: float = typer.Option(600.0, help="Under torchrun: seconds a process waits for the others in a collective before failing with an error (a dead or stuck peer)."),
 ) -> None:
     """Sample local descriptors (L2-normalised, as the NetVLAD layer sees them) from random database images."""
     from netvlad_core.clustering import SampleConfig, sample_descriptors
     from netvlad_core.datasets.manifest import load_split
-    from netvlad_core.device import select_device
+    from netvlad_core.distributed import broadcast_module, distributed_session, local_main_first
     from netvlad_core.models import ModelConfig, build_model
 
     model_cfg = ModelConfig(backbone=backbone, weights=weights, input_height=input_height, input_width=input_width)
@@ -37,10 +38,15 @@ def main(
                        num_workers=workers)
     cfg.validate()
     split = load_split(split_dir)
-    dev = select_device(device)
-    model = build_model(model_cfg)
-    sample_descriptors(model, model_cfg.to_dict(), split, out, device=dev, cfg=cfg, progress=progress)
-    typer.echo(f"sample: {out} ({num_descriptors} descriptors requested from {split.name}, backbone {backbone})")
+    with distributed_session(device, dist_timeout) as dist:
+        with local_main_first(dist):  # one process per node fills the weights cache, the others then read it
+            model = build_model(model_cfg)
+        broadcast_module(model, dist)  # the same weights on every rank (weights none: random initialisation)
+        sample_descriptors(model, model_cfg.to_dict(), split, out, device=dist.device, cfg=cfg, progress=progress,
+                           dist=dist)
+        if dist.is_main:
+            typer.echo(f"sample: {out} ({num_descriptors} descriptors requested from {split.name}, backbone "
+                       f"{backbone})")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from ..errors import NetVLADError
 
 if TYPE_CHECKING:
     from ..datasets.manifest import Split
+    from ..distributed import DistContext
     from ..features import FeatureConfig
     from .build import ModelConfig, PlaceModel
 
@@ -222,11 +223,16 @@ def apply_whitening(model: "PlaceModel", whitening: PCAWhitening) -> None:
 
 
 def fit_model_whitening(model: "PlaceModel", model_config: "ModelConfig", split: "Split", *, device: torch.device,
-                        cfg: PCAConfig, feature_cfg: "FeatureConfig", progress: bool = True) -> PCAWhitening:
+                        cfg: PCAConfig, feature_cfg: "FeatureConfig", progress: bool = True,
+                        dist: "DistContext | None" = None) -> PCAWhitening | None:
     """Encode at most ``cfg.max_images`` database images of ``split`` (chosen with ``cfg.seed``) with ``model``'s
     pooled (un-whitened) output, fit PCA whitening on them and append it to ``model``; returns the fit.
 
     A whitening layer already in ``model`` is replaced (the descriptors are taken before it).
+
+    Under torchrun (``dist`` with several processes) the descriptor pass is sharded over the ranks and the
+    descriptors are gathered on rank 0 only, which fits and returns the whitening; the other ranks return
+    ``None`` with ``model`` unchanged (only rank 0 writes the model).
     """
     from ..clustering import choose_images
     from ..device import prepare_model
@@ -245,7 +251,11 @@ def fit_model_whitening(model: "PlaceModel", model_config: "ModelConfig", split:
         model = prepare_model(model, device)
         descriptors = encode_images(model, files, height=model_config.input_height, width=model_config.input_width,
                                     mean=model_config.mean, std=model_config.std, device=device,
-                                    cfg=replace(feature_cfg, float16=False), progress=progress, desc="pca encode")
+                                    cfg=replace(feature_cfg, float16=False), progress=progress, desc="pca encode",
+                                    dist=dist, result_on="main")
+        if descriptors is None:  # a rank other than 0 under torchrun: its part is done
+            model.whitening = previous
+            return None
         whitening = fit_pca_whitening(descriptors, cfg.dim, eps=cfg.eps, chunk_size=cfg.chunk_size)
     except BaseException:
         model.whitening = previous
