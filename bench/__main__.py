@@ -10,6 +10,8 @@ import sys
 
 MODULES = [
     "netvlad_layer",
+    "features",
+    "training",
     "distributed",
 ]
 
