@@ -30,6 +30,17 @@ training parameters, the initial model's config and weights, the device type and
 otherwise a one-line notice is printed and training starts over. The checkpoint is deleted after a successful
 finish. On CPU (deterministic algorithms on, ordered loaders) a resumed run ends with the same weights, bit for
 bit, as an uninterrupted one.
+
+Under torchrun (``dist``, :mod:`netvlad_core.distributed`) ``batch_size`` is the global batch. Cache refreshes and
+validation are sharded over the ranks (:func:`netvlad_core.features.encode_rounds`); rank 0 holds the cache, mines
+and sends the triplets to every rank, so all ranks train on the single-process triplets. Each global batch's
+queries are split into contiguous slices, one per rank; the model is wrapped in DistributedDataParallel whose
+gradients are summed (not averaged) while each rank's loss is its triplets' sum divided by the global batch's
+triplet count: a step equals the single-process step up to float rounding. A rank with no query in a batch (fewer
+queries than ranks) runs one blank image with weight 0 to join the all-reduce. Rank 0 alone reads the checkpoint
+(and sends it to the others, so it only has to exist on the first machine), writes checkpoints, DVCLive files and
+the model, and logs. The checkpoint does not depend on the number of processes: a run resumes with another number
+(bit for bit only with the same one).
 """
 
 from __future__ import annotations
@@ -55,10 +66,12 @@ from torch.utils.data import DataLoader, Dataset
 from .datasets.images import load_image
 from .datasets.manifest import GroundTruth, Split
 from .device import autocast, prepare_model, to_device
+from .distributed import DistContext, all_reduce_sum, broadcast_object, shard_indices
 from .errors import NetVLADError
-from .features import encode_batches, image_loader, model_fingerprint
+from .features import encode_rounds, model_fingerprint
 from .io import load_state, save_state
-from .mining import MiningConfig, MiningStats, Triplets, batch_loss, empty_negative_cache, mine_triplets
+from .mining import (MiningConfig, MiningStats, Triplets, batch_loss, empty_negative_cache, mine_triplets,
+                     triplet_loss)
 
 CHECKPOINT_NAME = "train_state.pt"
 CHECKPOINT_FORMAT = 1
@@ -163,16 +176,23 @@ def _model_dims(model_cfg) -> dict:
 
 # ---------------------------------------------------------------------------------------------- descriptor cache
 
-def encode_into(model: torch.nn.Module, files: Sequence[Path], out: np.ndarray, *, dims: dict, device: torch.device,
-                batch_size: int, num_workers: int, amp: str, progress: bool = False, desc: str = "cache") -> np.ndarray:
-    """Encode ``files`` into the rows of ``out`` (an array or memmap of the cache dtype) with the batched encoder."""
+def encode_into(model: torch.nn.Module, files: Sequence[Path], out: np.ndarray | None, *, dims: dict,
+                device: torch.device, batch_size: int, num_workers: int, amp: str, progress: bool = False,
+                desc: str = "cache", dist: DistContext | None = None) -> np.ndarray | None:
+    """Encode ``files`` into the rows of ``out`` (an array or memmap of the cache dtype) with the batched encoder.
+
+    Under torchrun (``dist`` with several processes) the files are shared out among the ranks
+    (:func:`netvlad_core.features.encode_rounds`) and the rows gathered in order; a rank may pass ``out=None``
+    to take part without keeping them (rank 0 keeps the cache, the others only encode)."""
     from tqdm import tqdm
 
-    loader = image_loader(files, height=dims["height"], width=dims["width"], mean=dims["mean"], std=dims["std"],
-                          batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
-    with tqdm(total=len(files), desc=desc, unit="img", leave=False, disable=not progress) as bar:
-        for idx, batch in encode_batches(model, loader, device, amp):
-            out[idx] = batch.astype(out.dtype, copy=False)
+    show = progress and (dist is None or dist.is_main)
+    with tqdm(total=len(files), desc=desc, unit="img", leave=False, disable=not show) as bar:
+        for idx, batch in encode_rounds(model, files, height=dims["height"], width=dims["width"], mean=dims["mean"],
+                                        std=dims["std"], device=device, batch_size=batch_size,
+                                        num_workers=num_workers, amp=amp, dist=dist):
+            if out is not None:
+                out[idx] = batch.astype(out.dtype, copy=False)
             bar.update(len(idx))
     return out
 
@@ -221,18 +241,27 @@ class TripletBatches(Dataset):
 # -------------------------------------------------------------------------------------------------- validation
 
 def validate_recall(model: torch.nn.Module, split: Split, gt: GroundTruth, *, device: torch.device, batch_size: int,
-                    num_workers: int, amp: str, dims: dict, progress: bool = False) -> dict[int, float]:
-    """recall@1/5/10 of ``model`` on ``split`` (exact faiss search over freshly encoded descriptors)."""
+                    num_workers: int, amp: str, dims: dict, progress: bool = False,
+                    dist: DistContext | None = None) -> dict[int, float]:
+    """recall@1/5/10 of ``model`` on ``split`` (exact faiss search over freshly encoded descriptors). Under
+    torchrun the encoding is sharded, rank 0 searches and every rank returns rank 0's figures."""
     from .retrieval import recall_at_n, search
 
-    db = encode_into(model, split.db_files(), np.empty((split.num_db, model.out_dim), np.float32), dims=dims,
-                     device=device, batch_size=batch_size, num_workers=num_workers, amp=amp, progress=progress,
-                     desc="val db")
-    q = encode_into(model, split.query_files(), np.empty((split.num_queries, model.out_dim), np.float32), dims=dims,
+    keep = dist is None or dist.is_main
+    db = encode_into(model, split.db_files(), np.empty((split.num_db, model.out_dim), np.float32) if keep else None,
+                     dims=dims, device=device, batch_size=batch_size, num_workers=num_workers, amp=amp,
+                     progress=progress, desc="val db", dist=dist)
+    q = encode_into(model, split.query_files(),
+                    np.empty((split.num_queries, model.out_dim), np.float32) if keep else None, dims=dims,
                     device=device, batch_size=batch_size, num_workers=num_workers, amp=amp, progress=progress,
-                    desc="val queries")
-    _, idx = search(db, q, max(RECALL_NS))
-    return recall_at_n(idx, gt.positives, RECALL_NS)
+                    desc="val queries", dist=dist)
+    recall = None
+    if keep:
+        _, idx = search(db, q, max(RECALL_NS))
+        recall = recall_at_n(idx, gt.positives, RECALL_NS)
+    if dist is not None:
+        recall = broadcast_object(recall, dist, what="sharing the validation recall")
+    return recall
 
 
 # --------------------------------------------------------------------------------------------- RNG and identity
@@ -328,6 +357,26 @@ def _state_copy(model: torch.nn.Module) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
+class _NoLive:
+    """What ranks other than 0 log to: nothing (only rank 0 writes DVCLive files)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.summary: dict = {}
+
+    def log_metric(self, *args, **kwargs) -> None:
+        pass
+
+    def log_params(self, *args, **kwargs) -> None:
+        pass
+
+    def next_step(self) -> None:
+        self.step += 1
+
+    def end(self) -> None:
+        pass
+
+
 def train(
     model: torch.nn.Module,
     model_cfg,
@@ -343,15 +392,27 @@ def train(
     device: torch.device,
     progress: bool = True,
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
+    dist: DistContext | None = None,
 ) -> TrainResult:
     """Train ``model`` (loaded from the k-means-initialised model file, config ``model_cfg``) with triplets from
-    ``train_split``; keep the best model by validation recall@5 in ``out``. See the module docstring."""
+    ``train_split``; keep the best model by validation recall@5 in ``out``. See the module docstring.
+
+    Under torchrun (``dist`` with several processes; ``device`` is this rank's): cache refreshes and validation
+    are sharded over the ranks; rank 0 keeps the descriptor cache, mines and sends the triplets to every rank;
+    each global batch of ``cfg.batch_size`` queries is divided among the ranks (contiguous slices) and the model
+    is wrapped in DistributedDataParallel with the gradients *summed*, each rank's loss being its triplets' sum
+    over the batch's triplet count — so a step equals the single-process step on the same batch. Rank 0 alone
+    reads the checkpoint (and sends it to the others), writes checkpoints, DVCLive files and ``out``, and logs."""
     from dvclive import Live
     from tqdm import tqdm
 
     from .models import save_model
 
     cfg.validate()
+    is_main = dist is None or dist.is_main
+    distributed = dist is not None and dist.enabled
+    say = log if is_main else (lambda msg: None)
+    show = progress and is_main
     out, live_dir, checkpoint_dir = Path(out), Path(live_dir), Path(checkpoint_dir)
     checkpoint_path = checkpoint_dir / CHECKPOINT_NAME
     if len(train_gt.train_positives) != train_split.num_queries:
@@ -380,7 +441,9 @@ def train(
     mining_rng = np.random.default_rng(cfg.seed)
 
     # ---- start fresh or resume
-    state = _load_checkpoint(checkpoint_path, identity, log)
+    state = _load_checkpoint(checkpoint_path, identity, say) if is_main else None
+    if distributed:  # every rank resumes from rank 0's checkpoint (it need not exist on the other machines)
+        state = broadcast_object(state, dist, what="sharing the checkpoint")
     resumed = state is not None
     if resumed:
         model.load_state_dict(state["model"])
@@ -396,8 +459,9 @@ def train(
         live_step, skipped_total = int(state["live_step"]), int(state["skipped_queries"])
         stopped = bool(state["stopped"])
         epoch_stats = MiningStats(**{k: int(v) for k, v in state["epoch_stats"].items()})
-        trim_live_history(live_dir, live_step)
-        log(f"train: resuming from {checkpoint_path} at epoch {epoch + 1}, query {position} of {len(order)}")
+        if is_main:
+            trim_live_history(live_dir, live_step)
+        say(f"train: resuming from {checkpoint_path} at epoch {epoch + 1}, query {position} of {len(order)}")
     else:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
@@ -410,6 +474,8 @@ def train(
         epoch_stats = MiningStats()
 
     def checkpoint() -> None:
+        if not is_main:
+            return
         save_state(checkpoint_path, {
             "format": CHECKPOINT_FORMAT, "identity": identity,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -426,46 +492,72 @@ def train(
     out_dim = int(model.out_dim)
     db_cache: np.ndarray | None = None
 
-    live = Live(dir=str(live_dir), resume=resumed, save_dvc_exp=False, dvcyaml=None)
+    live = Live(dir=str(live_dir), resume=resumed, save_dvc_exp=False, dvcyaml=None) if is_main else _NoLive()
     live.step = live_step
+    train_model = model
+    if distributed:  # gradients summed over the ranks; buffers are not synced (eval mode: BatchNorm is frozen)
+        import inspect
+
+        from torch.nn.parallel import DistributedDataParallel
+
+        no_buffer_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(
+            DistributedDataParallel.__init__).parameters else {"broadcast_buffers": False}  # torch < 2.14
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                              **no_buffer_sync)
+        train_model.register_comm_hook(None, _sum_gradients)
     if not resumed:
         live.log_params({k: v for k, v in asdict(cfg).items()})
 
     with _deterministic(device):
         while epoch < cfg.epochs and not stopped:
             with tqdm(total=len(order), initial=position, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="query",
-                      disable=not progress) as bar:
+                      disable=not show) as bar:
                 while position < len(order):
                     if position > 0:
                         checkpoint()
                     block = order[position:position + cfg.cache_refresh_rate]
                     # -- cache refresh: all database images + this block's queries, current weights
-                    if db_cache is None:
+                    if db_cache is None and is_main:  # under torchrun only rank 0 keeps the cache and mines
                         db_cache = allocate_cache(train_split.num_db, out_dim, dtype, memmap_path)
                     q_files = [train_split.query_files()[i] for i in block]
                     encode_into(model, train_split.db_files(), db_cache, dims=dims, device=device,
                                 batch_size=cfg.encode_batch_size, num_workers=cfg.workers, amp=cfg.amp,
-                                progress=progress, desc="cache db")
-                    q_cache = encode_into(model, q_files, np.empty((len(block), out_dim), dtype), dims=dims,
-                                          device=device, batch_size=cfg.encode_batch_size, num_workers=cfg.workers,
-                                          amp=cfg.amp, progress=progress, desc="cache queries")
+                                progress=show, desc="cache db", dist=dist)
+                    q_cache = encode_into(model, q_files, np.empty((len(block), out_dim), dtype) if is_main else None,
+                                          dims=dims, device=device, batch_size=cfg.encode_batch_size,
+                                          num_workers=cfg.workers, amp=cfg.amp, progress=show, desc="cache queries",
+                                          dist=dist)
                     # -- mining: one batched distance computation for the block
-                    mined, stats = mine_triplets(block, q_cache, db_cache, train_positives=train_gt.train_positives,
-                                                 positives=train_gt.positives, negative_cache=neg_cache,
-                                                 rng=mining_rng, cfg=mining_cfg, device=device)
+                    mined = stats = None
+                    if is_main:
+                        mined, stats = mine_triplets(block, q_cache, db_cache,
+                                                     train_positives=train_gt.train_positives,
+                                                     positives=train_gt.positives, negative_cache=neg_cache,
+                                                     rng=mining_rng, cfg=mining_cfg, device=device)
+                    if distributed:
+                        mined, stats = broadcast_object((mined, stats), dist, what="sending the mined triplets")
                     epoch_stats.add(stats)
                     groups = [mined[i:i + cfg.batch_size] for i in range(0, len(mined), cfg.batch_size)]
                     sizes = [len(g) for g in groups]
                     batches = [[t for t in g if t is not None] for g in groups]
-                    nonempty = [b for b in batches if b]
+                    # this rank's slice of each global batch (all of it in a single process)
+                    parts = [[b[i] for i in shard_indices(len(b), dist.rank, dist.world_size)] for b in batches] \
+                        if distributed else batches
+                    nonempty = [p for p in parts if p]
                     loader = DataLoader(TripletBatches(nonempty, train_split, dims), batch_size=None, shuffle=False,
                                         num_workers=min(cfg.workers, len(nonempty)),
                                         pin_memory=device.type == "cuda")
                     loaded = iter(loader)
-                    for size, triplets in zip(sizes, batches):
-                        if triplets:
+                    for size, triplets, part in zip(sizes, batches, parts):
+                        if triplets and distributed:
+                            images, counts = next(loaded) if part else (None, None)
+                            loss_value = _distributed_train_step(
+                                train_model, optimizer, scaler, images, counts, device, cfg, dims=dims, dist=dist,
+                                num_triplets=sum(len(t.negatives) for t in triplets))
+                        elif triplets:
                             images, counts = next(loaded)
                             loss_value, _ = _train_step(model, optimizer, scaler, images, counts, device, cfg)
+                        if triplets:
                             violating = sum(len(t.negatives) for t in triplets)
                             live.log_metric("train/loss", loss_value)
                             live.log_metric("train/violating_fraction",
@@ -482,7 +574,7 @@ def train(
                 scheduler.step()
             skipped_total += epoch_stats.skipped
             recall = validate_recall(model, val_split, val_gt, device=device, batch_size=cfg.encode_batch_size,
-                                     num_workers=cfg.workers, amp=cfg.amp, dims=dims, progress=progress)
+                                     num_workers=cfg.workers, amp=cfg.amp, dims=dims, progress=show, dist=dist)
             for n, r in recall.items():
                 live.log_metric(f"val/recall@{n}", r)
             live.log_metric("train/skipped_queries", epoch_stats.skipped)
@@ -491,11 +583,12 @@ def train(
             live.next_step()
             if not best_recall or recall[5] > best_recall[5]:
                 best_recall, best_epoch, no_improve = dict(recall), epoch + 1, 0
-                best_state = _state_copy(model)
-                save_model(out, model, model_cfg)
+                if is_main:
+                    best_state = _state_copy(model)
+                    save_model(out, model, model_cfg)
             else:
                 no_improve += 1
-            log(f"train: epoch {epoch + 1}: recall@1/5/10 = {recall[1]:.4f}/{recall[5]:.4f}/{recall[10]:.4f}, "
+            say(f"train: epoch {epoch + 1}: recall@1/5/10 = {recall[1]:.4f}/{recall[5]:.4f}/{recall[10]:.4f}, "
                 f"{epoch_stats.skipped} of {epoch_stats.queries} queries skipped"
                 + (" (best)" if best_epoch == epoch + 1 else f", {no_improve} without improvement"))
             stopped = cfg.patience > 0 and no_improve >= cfg.patience
@@ -506,16 +599,17 @@ def train(
             checkpoint()
 
     # ---- finish: the best weights go to `out` (rewritten so a resumed run has them even if `out` was removed)
-    final = copy.deepcopy(model).cpu() if device.type != "cpu" else model
-    final.load_state_dict(best_state)
-    save_model(out, final, model_cfg)
-    for n in RECALL_NS:
-        live.summary[f"best/recall@{n}"] = best_recall[n]
-    live.summary["best/epoch"] = best_epoch
-    live.end()
-    checkpoint_path.unlink(missing_ok=True)
-    if memmap_path is not None:
-        memmap_path.unlink(missing_ok=True)
+    if is_main:
+        final = copy.deepcopy(model).cpu() if device.type != "cpu" else model
+        final.load_state_dict(best_state)
+        save_model(out, final, model_cfg)
+        for n in RECALL_NS:
+            live.summary[f"best/recall@{n}"] = best_recall[n]
+        live.summary["best/epoch"] = best_epoch
+        live.end()
+        checkpoint_path.unlink(missing_ok=True)
+        if memmap_path is not None:
+            memmap_path.unlink(missing_ok=True)
     return TrainResult(best_recall=best_recall, best_epoch=best_epoch, epochs_run=epoch, stopped_early=stopped,
                        resumed=resumed, skipped_queries=skipped_total, out=out)
 
@@ -534,6 +628,54 @@ def _train_step(model, optimizer, scaler, images: torch.Tensor, counts: torch.Te
         loss.backward()
         optimizer.step()
     return float(loss.detach()), num_triplets
+
+
+def _sum_gradients(state, bucket):
+    """DistributedDataParallel communication hook: all-reduce a gradient bucket as a *sum* (the default hook
+    averages); each rank's loss is already scaled by the global batch's triplet count."""
+    import torch.distributed as torch_dist
+
+    return torch_dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+
+def _loss_sum(descriptors: torch.Tensor, counts: Sequence[int], *, margin: float, loss: str) -> torch.Tensor:
+    """Sum (not mean) of the triplet losses of a batch laid out as in :func:`netvlad_core.mining.batch_loss`."""
+    total = descriptors.new_zeros(())
+    start = 0
+    for k in counts:
+        total = total + triplet_loss(descriptors[start], descriptors[start + 1],
+                                     descriptors[start + 2:start + 2 + k], margin=margin, loss=loss)
+        start += 2 + k
+    return total
+
+
+def _distributed_train_step(ddp_model, optimizer, scaler, images: torch.Tensor | None, counts: torch.Tensor | None,
+                            device: torch.device, cfg: TrainConfig, *, dims: dict, dist: DistContext,
+                            num_triplets: int) -> float:
+    """One optimisation step of a global batch under DistributedDataParallel: this rank's queries (``images``,
+    ``counts``; ``None`` when the batch has fewer queries than there are ranks) give the loss
+    ``Σ its triplet losses / num_triplets`` (the global batch's triplet count); the summed gradients are then the
+    single-process gradient of the batch's mean loss. Returns the global batch's loss (all ranks)."""
+    optimizer.zero_grad(set_to_none=True)
+    if images is None:
+        # Nothing to train on here, but every rank must join the gradient all-reduce: one blank image whose
+        # output is multiplied by 0 gives every trainable parameter a zero gradient.
+        with autocast(device, cfg.amp):
+            desc = ddp_model(to_device(torch.zeros(1, 3, dims["height"], dims["width"]), device))
+        local = desc.float().sum() * 0.0
+    else:
+        with autocast(device, cfg.amp):
+            desc = ddp_model(to_device(images, device))
+        local = _loss_sum(desc.float(), counts.tolist(), margin=cfg.margin, loss=cfg.loss)
+    loss = local / max(num_triplets, 1)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return float(all_reduce_sum(float(loss.detach()), dist, what="summing the loss")[0])
 
 
 def _load_checkpoint(path: Path, identity: str, log: Callable[[str], None]) -> dict | None:

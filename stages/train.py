@@ -39,12 +39,14 @@ def main(
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     amp: str = typer.Option("bf16", help="Autocast dtype on GPU: bf16, fp16 or fp32 (ignored on CPU)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
+    dist_timeout: float = typer.Option(600.0, help="Under torchrun: seconds a process waits for the others in a collective before failing with an error (a dead or stuck peer)."),
 ) -> None:
     """Train the place model with triplets mined from the train split (best positive within 10 m in feature space,
     hard negatives beyond 25 m); keep the best epoch by validation recall@5. Rerunning after an interruption
-    resumes from the last checkpoint; a checkpoint made with other parameters is ignored with a notice."""
+    resumes from the last checkpoint; a checkpoint made with other parameters is ignored with a notice.
+    Under torchrun each process takes a share of every batch (batch-size is the global batch) and rank 0 writes."""
     from netvlad_core.datasets.manifest import load_ground_truth, load_split
-    from netvlad_core.device import select_device
+    from netvlad_core.distributed import distributed_session
     from netvlad_core.models import load_model
     from netvlad_core.training import TrainConfig, apply_trainable_blocks, parse_trainable_blocks, train
 
@@ -56,20 +58,22 @@ def main(
         workers=workers, amp=amp, cache_memmap=cache_memmap,
     )
     cfg.validate()
-    dev = select_device(device)
     train_data, val_data = load_split(train_split), load_split(val_split)
     train_gt, val_gt = load_ground_truth(train_split), load_ground_truth(val_split)
     model, model_cfg = load_model(init_model)
     blocks = parse_trainable_blocks(trainable_blocks)
     if blocks is not None:
         model_cfg = apply_trainable_blocks(model, model_cfg, blocks)
-    result = train(model, model_cfg, train_data, train_gt, val_data, val_gt, out=out, live_dir=live_dir,
-                   checkpoint_dir=checkpoint_dir, cfg=cfg, device=dev, progress=progress,
-                   log=lambda msg: typer.echo(msg, err=True))
+    with distributed_session(device, dist_timeout) as dist:
+        result = train(model, model_cfg, train_data, train_gt, val_data, val_gt, out=out, live_dir=live_dir,
+                       checkpoint_dir=checkpoint_dir, cfg=cfg, device=dist.device, progress=progress,
+                       log=lambda msg: typer.echo(msg, err=True), dist=dist)
+    if not dist.is_main:
+        return
     r = result.best_recall
     typer.echo(f"train: best epoch {result.best_epoch} of {result.epochs_run} (R@1 {100 * r[1]:.1f} R@5 {100 * r[5]:.1f} "
                f"R@10 {100 * r[10]:.1f} on {val_data.name}){' early stop' if result.stopped_early else ''}"
-               f"{', resumed' if result.resumed else ''} -> {out}")
+               f"{', resumed' if result.resumed else ''}{f', {dist.world_size} processes' if dist.enabled else ''} -> {out}")
 
 
 if __name__ == "__main__":
