@@ -188,7 +188,7 @@ def extract_split_features(model, model_config: dict, split: Split, out_h5: str 
                 h5.attrs["identity"] = identity
                 h5.attrs["complete"] = False
                 for role, n in (("db", split.num_db), ("query", split.num_queries)):
-                    h5.create_dataset(role, shape=(n, dim), dtype=dtype, chunks=(min(max(n, 1), 256), dim))
+                    h5.create_dataset(role, shape=(n, dim), dtype=dtype, chunks=(min(n, 256), dim) if n else None)
                     h5.attrs[f"{role}_done"] = 0
             done_by_role = {role: int(h5.attrs[f"{role}_done"]) for role in ("db", "query")}
         if dist is not None:

@@ -38,5 +38,10 @@ for _name, _module in STAGES:
     app.command(_name, help=_fn.__doc__)(_fn)
 
 
+from stages import launch as _launch  # noqa: E402
+
+app.command("launch", help=_launch.main.__doc__, context_settings=_launch.CONTEXT_SETTINGS)(_launch.main)
+
+
 if __name__ == "__main__":
     app()

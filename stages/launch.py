@@ -22,7 +22,8 @@ from typing import List
 import typer
 
 # Registered in stages/cli.py with these settings, so the stage's own options pass through untouched.
-CONTEXT_SETTINGS = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": ["--help"]}
+# Options are read up to the stage's name; everything from it on (its --help too) goes to the stage.
+CONTEXT_SETTINGS = {"allow_extra_args": True, "ignore_unknown_options": True, "allow_interspersed_args": False}
 
 
 def torchrun_args(nproc_per_node: int, stage_argv: List[str]) -> List[str]:
@@ -72,7 +73,7 @@ def main(
                                        help="Processes on this machine: 1 runs the stage here; N > 1 starts it under "
                                        "torchrun (one process per GPU, or N CPU processes)."),
 ) -> None:
-    """Run a stage with one or several processes: `netvlad launch --nproc-per-node N <stage> [options]`."""
+    """Run a stage with one or several processes: `netvlad launch --nproc-per-node N STAGE OPTIONS...`."""
     code = launch(nproc_per_node, list(ctx.args))
     raise typer.Exit(code)
 

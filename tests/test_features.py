@@ -77,3 +77,13 @@ def test_corrupt_image_names_the_file(tiny_split, tmp_path):
         extract_split_features(TinyModel(), TINY_MODEL_CONFIG, split, tmp_path / "f.h5", device=torch.device("cpu"),
                                cfg=FeatureConfig(batch_size=4, num_workers=0), progress=False)
     assert not (tmp_path / "f.h5").exists()
+
+
+def test_split_without_queries(tmp_path):
+    from tests.conftest import make_split
+
+    split = load_split(make_split(tmp_path, num_db=5, num_q=0))
+    out = extract_split_features(TinyModel(), TINY_MODEL_CONFIG, split, tmp_path / "f.h5", device=torch.device("cpu"),
+                                 cfg=FeatureConfig(batch_size=4, num_workers=0), progress=False)
+    db, q, _ = read_features(out)
+    assert db.shape == (5, 8) and q.shape == (0, 8)
