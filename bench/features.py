@@ -17,26 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
+from bench._data import make_bench_split
 from netvlad_core.datasets.images import load_image
-from netvlad_core.datasets.manifest import Split, load_split, write_split
+from netvlad_core.datasets.manifest import load_split
 from netvlad_core.features import FeatureConfig, extract_split_features
 from netvlad_core.models import ModelConfig, build_model
-
-
-def _make_split(root: Path, n: int, width: int, height: int) -> Path:
-    rng = np.random.default_rng(0)
-    names = [f"db/{i:05d}.jpg" for i in range(n)]
-    for name in names:
-        p = root / "images" / name
-        p.parent.mkdir(parents=True, exist_ok=True)
-        small = rng.integers(0, 256, size=(12, 16, 3), dtype=np.uint8)
-        Image.fromarray(small).resize((width, height), Image.BICUBIC).save(p, quality=90)
-    utm = np.stack([np.arange(n) * 5.0, np.zeros(n)], 1)
-    split = Split(dataset="bench", name="test", image_root=root / "images", db_paths=names, db_utm=utm,
-                  q_paths=[], q_utm=np.zeros((0, 2)))
-    return write_split(split, root / "split")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     model.pool.init_params(rng.normal(size=(64, model.feature_dim)).astype(np.float32),
                            rng.normal(size=(2000, model.feature_dim)).astype(np.float32))
     with tempfile.TemporaryDirectory() as tmp:
-        split_dir = _make_split(Path(tmp), args.images, cfg.input_width, cfg.input_height)
+        split_dir = make_bench_split(Path(tmp), args.images, 0, cfg.input_width, cfg.input_height)
         split = load_split(split_dir)
         images = torch.stack([load_image(f, cfg.input_height, cfg.input_width, cfg.mean, cfg.std)
                               for f in split.db_files()])
