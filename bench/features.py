@@ -2,7 +2,8 @@
 
 Both on the same real JPEG files (320×240) with the demo's model (EfficientNet-Lite0 + NetVLAD, K=64), in one process:
 
-* ``bare backbone``: images decoded beforehand, batches pushed through ``model.backbone`` only (inference mode);
+* ``bare backbone``: images decoded beforehand, batches pushed through ``model.backbone`` only (inference mode,
+  channels-last like the stage);
 * ``extract_split_features``: the stage's whole path — DataLoader decoding, backbone + NetVLAD, HDF5 writes.
 
 Run: ``python -m bench features`` or ``python -m bench.features [--images 192]``.
@@ -21,6 +22,7 @@ import torch
 from bench._data import make_bench_split
 from netvlad_core.datasets.images import load_image
 from netvlad_core.datasets.manifest import load_split
+from netvlad_core.device import configure_cpu_allocator, prepare_model
 from netvlad_core.features import FeatureConfig, extract_split_features
 from netvlad_core.models import ModelConfig, build_model
 
@@ -41,7 +43,8 @@ def main(argv: list[str] | None = None) -> None:
         split_dir = make_bench_split(Path(tmp), args.images, 0, cfg.input_width, cfg.input_height)
         split = load_split(split_dir)
         images = torch.stack([load_image(f, cfg.input_height, cfg.input_width, cfg.mean, cfg.std)
-                              for f in split.db_files()])
+                              for f in split.db_files()]).contiguous(memory_format=torch.channels_last)
+        model = prepare_model(model, torch.device("cpu"))
         with torch.inference_mode():  # warm-up
             model.backbone(images[: args.batch_size])
             t0 = time.perf_counter()
@@ -63,4 +66,5 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     import sys
 
+    configure_cpu_allocator()  # as every `netvlad` command does
     main(sys.argv[1:])

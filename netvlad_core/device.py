@@ -1,8 +1,11 @@
-"""Device selection and the inference context (autocast, channels-last on GPU)."""
+"""Device selection, the inference context (autocast on GPU), channels-last tensors and the CPU allocator."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
+import sys
 
 import torch
 
@@ -30,14 +33,42 @@ def autocast(device: torch.device, dtype: str = "bf16"):
 
 
 def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """Move to ``device``; channels-last memory format on GPU."""
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    """Move to ``device`` in channels-last memory format (faster convolutions on GPU and on CPU alike:
+    1.5x for EfficientNet-Lite0 on a 2-core AVX2 CPU, see ``python -m bench features``)."""
+    return model.to(device).to(memory_format=torch.channels_last)
 
 
 def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":
-        return images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-    return images.to(device)
+    """A batch of images on ``device``, channels-last like the model :func:`prepare_model` returns."""
+    return images.to(device, non_blocking=device.type == "cuda").contiguous(memory_format=torch.channels_last)
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def configure_cpu_allocator() -> bool:
+    """Keep freed activation buffers in the process heap instead of returning them to the kernel.
+
+    glibc serves allocations above 128 KiB-32 MiB (its dynamic threshold) with fresh ``mmap`` pages and unmaps them on
+    free, so every CPU forward pass page-faults its activations in again; for EfficientNet-Lite0 at 320x240 that costs
+    2-3x the throughput. Raising the mmap threshold to 32 MiB and the trim threshold to 1 GiB (as the
+    ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` environment variables would) keeps the pages. A process-wide
+    setting, so only the command-line entry points call it; returns False where the C library is not glibc.
+    Environment variables a user set explicitly win.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    settings = [("MALLOC_MMAP_THRESHOLD_", _M_MMAP_THRESHOLD, 32 << 20),
+                ("MALLOC_TRIM_THRESHOLD_", _M_TRIM_THRESHOLD, 1 << 30),
+                ("MALLOC_TOP_PAD_", _M_TOP_PAD, 256 << 20)]
+    ok = True
+    for env, param, value in settings:
+        if env not in os.environ:
+            ok = bool(mallopt(param, value)) and ok
+    return ok

@@ -1,4 +1,4 @@
-"""What every stage shares: user errors become one line on stderr and exit status 2."""
+"""What every stage shares: user errors become one line on stderr and exit status 2; the CPU allocator setting."""
 
 from __future__ import annotations
 
@@ -14,10 +14,15 @@ F = TypeVar("F", bound=Callable)
 
 
 def user_errors(fn: F) -> F:
-    """Turn :class:`NetVLADError` (and a missing input file) into ``error: <message>`` and exit 2."""
+    """Turn :class:`NetVLADError` (and a missing input file) into ``error: <message>`` and exit 2.
+    Also keeps the process's freed CPU buffers mapped (:func:`netvlad_core.device.configure_cpu_allocator`),
+    a process-wide setting that belongs to a command, not to the library."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from netvlad_core.device import configure_cpu_allocator
+
+        configure_cpu_allocator()
         try:
             return fn(*args, **kwargs)
         except NetVLADError as e:
