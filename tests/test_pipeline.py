@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -121,3 +123,24 @@ def test_changing_num_clusters_reruns_exactly_kmeans_and_what_follows(pipeline_r
     assert "kmeans" in ran and any(s.startswith("features") for s in ran) and any(s.startswith("evaluate") for s in ran)
     with h5py.File(pipeline_repo / "artifacts/centroids.h5") as f:
         assert f["centroids"].shape[0] == 6
+
+
+
+def test_exp_run_with_two_processes_lists_its_recall(pipeline_repo):
+    """`dvc exp run -S …` with `dist.nproc-per-node=2`: dvc.yaml starts the heavy stages under torchrun (2 CPU
+    processes, gloo), and `dvc exp show` lists the experiment's parameters and recall metrics."""
+    dvc = str(Path(sys.executable).parent / "dvc")
+    out = _run([dvc, "exp", "run", "--name", "lr-two-procs", "-S", "train.lr=0.02", "-S", "dist.nproc-per-node=2"],
+               pipeline_repo).stdout
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert "download" not in ran and {"train", "pca", "features@trained", "evaluate@trained"} <= ran
+    assert "netvlad launch --nproc-per-node 2 train" in out
+    assert "(2 processes)" in out  # `features` says it ran sharded
+    table = list(csv.DictReader(io.StringIO(_run([dvc, "exp", "show", "--csv"], pipeline_repo).stdout)))
+    row = next(r for r in table if r["Experiment"] == "lr-two-procs")
+    # a column is named by its key, prefixed with its file where two files share the key (DVCLive logs train.lr too)
+    assert float(row["params.yaml:train.lr"]) == 0.02 and int(row["dist.nproc-per-node"]) == 2
+    for model in ("offtheshelf", "trained", "trained_pca"):  # the experiment's recall, as its evaluate wrote it
+        written = json.loads((pipeline_repo / f"metrics/test_{model}.json").read_text())["recall@1"]
+        assert float(row[f"metrics/test_{model}.json:recall@1"]) == pytest.approx(written, abs=1e-6)
+    assert float(row["metrics/train/metrics.json:train.lr"]) == pytest.approx(0.02)  # DVCLive's logged lr
