@@ -229,6 +229,22 @@ def draw_retrievals(
     return fig
 
 
+def save_figure_png(figure, path: str | Path, dpi: int = 80) -> None:
+    """Write ``figure`` as a 256-colour PNG: a page of photo thumbnails is 4x smaller than matplotlib's RGBA PNG
+    (≈ 0.4 MB instead of 1.6 MB for 8 queries), which matters for a file committed to git after every run."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    buffer.seek(0)
+    with Image.open(buffer) as im:
+        rgb = im.convert("RGB")
+    rgb.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(path, format="PNG",
+                                                                                        optimize=True)
+
+
 def _format_row(values: np.ndarray, fmt: str) -> str:
     return " ".join(fmt % v for v in values)
 
@@ -361,7 +377,7 @@ def evaluate(
         tmp_plot = stack.enter_context(atomic_path(plot_csv))
         tmp_per_query = stack.enter_context(atomic_path(per_query_csv))
         if figure is not None:
-            figure.savefig(stack.enter_context(atomic_path(retrievals_png)), format="png", dpi=80)
+            save_figure_png(figure, stack.enter_context(atomic_path(retrievals_png)))
         per_query.to_csv(tmp_per_query, index=False, float_format="%.6g")
         plot_frame.to_csv(tmp_plot, index=False, float_format="%.6g")
         tmp_metrics.write_text(json.dumps(metrics, indent=2) + "\n")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
+from pathlib import Path
 from typing import Callable, TypeVar
 
 import typer
@@ -11,6 +13,18 @@ import typer
 from netvlad_core.errors import NetVLADError
 
 F = TypeVar("F", bound=Callable)
+
+
+_LIBRARY = str(Path(__file__).resolve().parent.parent / "netvlad_core")
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """The library's own warnings (e.g. a PCA dimension that was lowered) as one line ``warning: …`` on stderr;
+    other packages' warnings in Python's usual form, which names their source."""
+    if str(filename).startswith(_LIBRARY):
+        typer.echo(f"warning: {message}", err=True)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 def user_errors(fn: F) -> F:
@@ -24,7 +38,9 @@ def user_errors(fn: F) -> F:
 
         configure_cpu_allocator()
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning
+                return fn(*args, **kwargs)
         except NetVLADError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
