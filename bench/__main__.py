@@ -21,9 +21,6 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [n for n in names if n not in MODULES]
     if unknown:
         sys.exit(f"error: unknown benchmark(s) {', '.join(unknown)}; valid: {', '.join(MODULES)}")
-    from netvlad_core.device import configure_cpu_allocator
-
-    configure_cpu_allocator()  # as every `netvlad` command does
     for name in names:
         print(f"== bench.{name}", flush=True)
         importlib.import_module(f"bench.{name}").main()

@@ -22,7 +22,7 @@ import torch
 from bench._data import make_bench_split
 from netvlad_core.datasets.images import load_image
 from netvlad_core.datasets.manifest import load_split
-from netvlad_core.device import configure_cpu_allocator, prepare_model
+from netvlad_core.device import prepare_model
 from netvlad_core.features import FeatureConfig, extract_split_features
 from netvlad_core.models import ModelConfig, build_model
 
@@ -66,5 +66,4 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     import sys
 
-    configure_cpu_allocator()  # as every `netvlad` command does
     main(sys.argv[1:])

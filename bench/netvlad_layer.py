@@ -169,7 +169,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from netvlad_core.device import configure_cpu_allocator
-
-    configure_cpu_allocator()  # as every `netvlad` command does
     main()

@@ -167,9 +167,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from netvlad_core.device import configure_cpu_allocator
-
-    configure_cpu_allocator()  # as every `netvlad` command does
     import sys
 
     main(sys.argv[1:])

@@ -15,7 +15,7 @@ import torch
 from .datasets.manifest import Split
 from .device import autocast, prepare_model, to_device
 from .distributed import DistContext, barrier, gather_batch, num_rounds, pad_rounds, shard_indices
-from .errors import NetVLADError
+from .errors import NetVLADError, NetVLADWarning
 from .io import atomic_path
 
 
@@ -92,7 +92,8 @@ def sample_descriptors(model, model_config: dict, split: Split, out_h5: str | os
     per_image = cfg.per_image
     if per_image > locations:
         warnings.warn(f"per-image {per_image} exceeds the {probe.shape[2]}×{probe.shape[3]} = {locations} feature-map "
-                      f"locations at {w}×{h}; sampling {locations} per image and more images instead")
+                      f"locations at {w}×{h}; sampling {locations} per image and more images instead",
+                      NetVLADWarning)
         per_image = locations
     wanted_images = math.ceil(cfg.num_descriptors / per_image)
     if split.num_db == 0:
@@ -100,7 +101,8 @@ def sample_descriptors(model, model_config: dict, split: Split, out_h5: str | os
     chosen = choose_images(split.num_db, wanted_images, cfg.seed)
     total = min(cfg.num_descriptors, len(chosen) * per_image)
     if total < cfg.num_descriptors:
-        warnings.warn(f"only {len(chosen)} database images: sampling {total} descriptors instead of {cfg.num_descriptors}")
+        warnings.warn(f"only {len(chosen)} database images: sampling {total} descriptors instead of "
+                      f"{cfg.num_descriptors}", NetVLADWarning)
     files = [split.db_files()[i] for i in chosen]
     offsets, picks = plan_locations(len(files), per_image, total, locations, cfg.seed + 1)
     distributed = dist is not None and dist.enabled

@@ -33,8 +33,8 @@ def autocast(device: torch.device, dtype: str = "bf16"):
 
 
 def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """Move to ``device`` in channels-last memory format (faster convolutions on GPU and on CPU alike:
-    1.5x for EfficientNet-Lite0 on a 2-core AVX2 CPU, see ``python -m bench features``)."""
+    """Move to ``device`` in channels-last memory format: faster convolutions on GPU and on CPU alike (measured
+    1.5x for an EfficientNet-Lite0 forward at 320x240, batch 16, on a 2-core AVX2 CPU)."""
     return model.to(device).to(memory_format=torch.channels_last)
 
 

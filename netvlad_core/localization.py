@@ -23,7 +23,7 @@ import torch
 from .datasets.images import load_image
 from .datasets.manifest import Split, load_split
 from .device import prepare_model
-from .errors import NetVLADError
+from .errors import NetVLADError, NetVLADWarning
 from .retrieval import WEIGHTINGS, localise, search
 
 
@@ -111,7 +111,8 @@ def load_database(features_h5: str | os.PathLike, split: Split, model: torch.nn.
     if isinstance(recorded, bytes):
         recorded = recorded.decode()
     if recorded is None:
-        warnings.warn(f"{path}: no model fingerprint recorded; only the descriptor dimension was checked")
+        warnings.warn(f"{path}: no model fingerprint recorded; only the descriptor dimension was checked",
+                      NetVLADWarning)
     elif recorded != model_fingerprint(model):
         raise NetVLADError(f"{path}: features were made by another model (fingerprint {str(recorded)[:12]}… does not "
                            f"match the model's); rerun the features stage with this model")

@@ -205,16 +205,23 @@ def triplet_loss(q: torch.Tensor, p: torch.Tensor, negatives: torch.Tensor, *, m
     raise NetVLADError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
 
 
-def batch_loss(descriptors: torch.Tensor, counts: Sequence[int], *, margin: float, loss: str) -> tuple[torch.Tensor, int]:
-    """Mean triplet loss of a batch laid out query by query as ``[q, p, n_1..n_k]`` rows of ``descriptors``;
-    ``counts[i]`` is the number of negatives of query ``i``. The sum over all triplets is divided by the number
-    of triplets in the batch (so the gradient scale does not depend on how many negatives violated).
-    Returns ``(loss, num_triplets)``."""
+def batch_loss_sum(descriptors: torch.Tensor, counts: Sequence[int], *, margin: float,
+                   loss: str) -> torch.Tensor:
+    """Sum of the triplet losses of a batch laid out query by query as ``[q, p, n_1..n_k]`` rows of
+    ``descriptors``; ``counts[i]`` is the number of negatives of query ``i``."""
     total = descriptors.new_zeros(())
     start = 0
     for k in counts:
         q, p, negs = descriptors[start], descriptors[start + 1], descriptors[start + 2:start + 2 + k]
         total = total + triplet_loss(q, p, negs, margin=margin, loss=loss)
         start += 2 + k
+    return total
+
+
+def batch_loss(descriptors: torch.Tensor, counts: Sequence[int], *, margin: float,
+               loss: str) -> tuple[torch.Tensor, int]:
+    """Mean triplet loss of a batch (layout as in :func:`batch_loss_sum`): the sum over all triplets divided by the
+    number of triplets in the batch (so the gradient scale does not depend on how many negatives violated).
+    Returns ``(loss, num_triplets)``."""
     num_triplets = int(sum(counts))
-    return total / max(num_triplets, 1), num_triplets
+    return batch_loss_sum(descriptors, counts, margin=margin, loss=loss) / max(num_triplets, 1), num_triplets

@@ -70,8 +70,8 @@ from .distributed import DistContext, all_reduce_sum, broadcast_object, shard_in
 from .errors import NetVLADError
 from .features import encode_rounds, model_fingerprint
 from .io import load_state, save_state
-from .mining import (MiningConfig, MiningStats, Triplets, batch_loss, empty_negative_cache, mine_triplets,
-                     triplet_loss)
+from .mining import (MiningConfig, MiningStats, Triplets, batch_loss, batch_loss_sum, empty_negative_cache,
+                     mine_triplets)
 
 CHECKPOINT_NAME = "train_state.pt"
 CHECKPOINT_FORMAT = 1
@@ -620,6 +620,12 @@ def _train_step(model, optimizer, scaler, images: torch.Tensor, counts: torch.Te
     with autocast(device, cfg.amp):
         desc = model(to_device(images, device))
     loss, num_triplets = batch_loss(desc.float(), counts.tolist(), margin=cfg.margin, loss=cfg.loss)
+    _backward_and_step(loss, optimizer, scaler)
+    return float(loss.detach()), num_triplets
+
+
+def _backward_and_step(loss: torch.Tensor, optimizer, scaler) -> None:
+    """Backpropagate ``loss`` and take one optimiser step (through the fp16 gradient scaler when there is one)."""
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -627,7 +633,6 @@ def _train_step(model, optimizer, scaler, images: torch.Tensor, counts: torch.Te
     else:
         loss.backward()
         optimizer.step()
-    return float(loss.detach()), num_triplets
 
 
 def _sum_gradients(state, bucket):
@@ -636,17 +641,6 @@ def _sum_gradients(state, bucket):
     import torch.distributed as torch_dist
 
     return torch_dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])
-
-
-def _loss_sum(descriptors: torch.Tensor, counts: Sequence[int], *, margin: float, loss: str) -> torch.Tensor:
-    """Sum (not mean) of the triplet losses of a batch laid out as in :func:`netvlad_core.mining.batch_loss`."""
-    total = descriptors.new_zeros(())
-    start = 0
-    for k in counts:
-        total = total + triplet_loss(descriptors[start], descriptors[start + 1],
-                                     descriptors[start + 2:start + 2 + k], margin=margin, loss=loss)
-        start += 2 + k
-    return total
 
 
 def _distributed_train_step(ddp_model, optimizer, scaler, images: torch.Tensor | None, counts: torch.Tensor | None,
@@ -666,15 +660,9 @@ def _distributed_train_step(ddp_model, optimizer, scaler, images: torch.Tensor |
     else:
         with autocast(device, cfg.amp):
             desc = ddp_model(to_device(images, device))
-        local = _loss_sum(desc.float(), counts.tolist(), margin=cfg.margin, loss=cfg.loss)
+        local = batch_loss_sum(desc.float(), counts.tolist(), margin=cfg.margin, loss=cfg.loss)
     loss = local / max(num_triplets, 1)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
+    _backward_and_step(loss, optimizer, scaler)
     return float(all_reduce_sum(float(loss.detach()), dist, what="summing the loss")[0])
 
 

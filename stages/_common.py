@@ -1,27 +1,24 @@
-"""What every stage shares: user errors become one line on stderr and exit status 2; the CPU allocator setting."""
+"""What every stage shares: user errors become one line on stderr and exit status 2, library warnings one line
+``warning: …``; the CPU allocator setting."""
 
 from __future__ import annotations
 
 import functools
 import sys
 import warnings
-from pathlib import Path
 from typing import Callable, TypeVar
 
 import typer
 
-from netvlad_core.errors import NetVLADError
+from netvlad_core.errors import NetVLADError, NetVLADWarning
 
 F = TypeVar("F", bound=Callable)
 
 
-_LIBRARY = str(Path(__file__).resolve().parent.parent / "netvlad_core")
-
-
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """The library's own warnings (e.g. a PCA dimension that was lowered) as one line ``warning: …`` on stderr;
-    other packages' warnings in Python's usual form, which names their source."""
-    if str(filename).startswith(_LIBRARY):
+    """The library's own warnings (:class:`NetVLADWarning`, e.g. a PCA dimension that was lowered) as one line
+    ``warning: …`` on stderr; other packages' warnings in Python's usual form, which names their source."""
+    if issubclass(category, NetVLADWarning):
         typer.echo(f"warning: {message}", err=True)
     else:
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))

@@ -125,7 +125,6 @@ def test_changing_num_clusters_reruns_exactly_kmeans_and_what_follows(pipeline_r
         assert f["centroids"].shape[0] == 6
 
 
-
 def test_exp_run_with_two_processes_lists_its_recall(pipeline_repo):
     """`dvc exp run -S …` with `dist.nproc-per-node=2`: dvc.yaml starts the heavy stages under torchrun (2 CPU
     processes, gloo), and `dvc exp show` lists the experiment's parameters and recall metrics."""

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..errors import NetVLADError
+from ..errors import NetVLADError, NetVLADWarning
 
 if TYPE_CHECKING:
     from ..datasets.manifest import Split
@@ -105,7 +105,7 @@ def valid_whitening_dim(num_samples: int, descriptor_dim: int, requested: int) -
         why = (f"{num_samples} descriptors span at most {num_samples - 1} dimensions once centred"
                if num_samples - 1 < descriptor_dim else f"the descriptors are {descriptor_dim}-D")
         warnings.warn(f"PCA whitening: dim {requested} is too large ({why}); keeping {largest} components instead",
-                      stacklevel=3)
+                      NetVLADWarning, stacklevel=3)
         return largest
     return requested
 
@@ -201,7 +201,7 @@ def fit_pca_whitening(descriptors: np.ndarray, dim: int, *, eps: float = WHITENI
     degenerate = int(np.count_nonzero(eigenvalues <= eigenvalues[0] * 1e-12)) if eigenvalues[0] > 0 else d
     if degenerate:
         warnings.warn(f"PCA whitening: {degenerate} of the {d} kept components have (numerically) zero variance; "
-                      f"the sample may contain duplicate descriptors", stacklevel=2)
+                      f"the sample may contain duplicate descriptors", NetVLADWarning, stacklevel=2)
     return PCAWhitening(mean=mean, components=components, eigenvalues=eigenvalues, eps=float(eps), num_samples=n,
                         method=method)
 
