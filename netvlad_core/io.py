@@ -78,10 +78,14 @@ def load_state(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
 
 
 def save_state(path: str | os.PathLike, obj: Any) -> Path:
-    """``torch.save`` atomically (state dicts and plain containers of tensors/numbers only)."""
+    """``torch.save`` atomically (state dicts and plain containers of tensors/numbers only).
+
+    Saved through a file object: given a path, ``torch.save`` names the zip archive's records after the file, here
+    the random temporary name, so equal states would give different bytes (and DVC hashes) on every run.
+    """
     import torch
 
     path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
     return path

@@ -277,6 +277,17 @@ def test_save_load_round_trip(tmp_path):
     assert not loaded.training
 
 
+def test_the_same_model_saved_twice_gives_the_same_bytes(tmp_path):
+    """DVC hashes model files: equal weights must give an equal file, whatever temporary name it was written under."""
+    model, cfg = small_model(tmp_path)
+    first = save_model(tmp_path / "a" / "model.pt", model, cfg).read_bytes()
+    again = save_model(tmp_path / "b" / "other_name.pt", model, cfg).read_bytes()
+    assert first == again
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    assert save_model(tmp_path / "c" / "model.pt", model, cfg).read_bytes() != first
+
+
 def test_load_model_rejects_foreign_files(tmp_path):
     model, cfg = small_model(tmp_path)
     path = save_model(tmp_path / "model.pt", model, cfg)
