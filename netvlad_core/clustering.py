@@ -16,7 +16,7 @@ from .datasets.manifest import Split
 from .device import autocast, prepare_model, to_device
 from .distributed import DistContext, barrier, gather_batch, num_rounds, pad_rounds, shard_indices
 from .errors import NetVLADError, NetVLADWarning
-from .io import atomic_path
+from .io import atomic_h5, atomic_path
 
 
 @dataclass
@@ -34,6 +34,8 @@ class SampleConfig:
             raise NetVLADError(f"per-image must be >= 1, got {self.per_image}")
         if self.batch_size < 1:
             raise NetVLADError(f"batch-size must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise NetVLADError(f"workers must be >= 0, got {self.num_workers}")
 
 
 @dataclass
@@ -78,7 +80,6 @@ def sample_descriptors(model, model_config: dict, split: Split, out_h5: str | os
     Under torchrun (``dist`` with several processes) each rank encodes its blocks of the chosen images, the
     sampled rows are gathered, and rank 0 alone writes the same file a single process would.
     """
-    import h5py
     from tqdm import tqdm
 
     from .features import image_loader
@@ -109,7 +110,7 @@ def sample_descriptors(model, model_config: dict, split: Split, out_h5: str | os
     mine = shard_indices(len(files), dist.rank, dist.world_size, block=cfg.batch_size) if distributed else None
     loader = image_loader(files, height=h, width=w, mean=model_config["mean"], std=model_config["std"],
                           batch_size=cfg.batch_size, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-                          indices=mine)
+                          indices=mine, min_side=int(getattr(model, "stride", None) or 1))
     is_main = dist is None or dist.is_main
     descriptors = np.empty((total, dim), dtype=np.float32) if is_main else None
     image_indices = np.empty(total, dtype=np.int64) if is_main else None
@@ -144,15 +145,14 @@ def sample_descriptors(model, model_config: dict, split: Split, out_h5: str | os
             bar.update(done)
     if is_main:
         out_h5 = Path(out_h5)
-        with atomic_path(out_h5) as tmp:
-            with h5py.File(tmp, "w") as f:
-                f.create_dataset("descriptors", data=descriptors)
-                f.create_dataset("image_indices", data=image_indices)
-                f.attrs["model"] = json.dumps(model_config, sort_keys=True)
-                f.attrs["sample_config"] = json.dumps(asdict(cfg), sort_keys=True)
-                f.attrs["split"] = split.name
-                f.attrs["dataset"] = split.dataset
-                f.attrs["per_image"] = per_image
+        with atomic_h5(out_h5) as f:
+            f.create_dataset("descriptors", data=descriptors)
+            f.create_dataset("image_indices", data=image_indices)
+            f.attrs["model"] = json.dumps(model_config, sort_keys=True)
+            f.attrs["sample_config"] = json.dumps(asdict(cfg), sort_keys=True)
+            f.attrs["split"] = split.name
+            f.attrs["dataset"] = split.dataset
+            f.attrs["per_image"] = per_image
     if dist is not None:
         barrier(dist, "waiting for rank 0 to write the descriptor sample")
     return Path(out_h5)
@@ -169,9 +169,17 @@ def read_descriptors(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
         with h5py.File(path, "r") as f:
             if "descriptors" not in f or "model" not in f.attrs:
                 raise NetVLADError(f"{path}: not a descriptor sample (no 'descriptors' dataset or 'model' attribute)")
-            return f["descriptors"][()].astype(np.float32, copy=False), json.loads(f.attrs["model"])
+            descriptors = f["descriptors"][()].astype(np.float32, copy=False)
+            model_config = json.loads(f.attrs["model"])
     except OSError as e:
         raise NetVLADError(f"{path}: not a readable HDF5 file ({e})") from None
+    if descriptors.ndim != 2 or descriptors.shape[0] == 0 or descriptors.shape[1] == 0:
+        raise NetVLADError(f"{path}: 'descriptors' must be a non-empty 2-D array, got shape {descriptors.shape}")
+    bad = ~np.isfinite(descriptors).all(axis=1)
+    if bad.any():
+        raise NetVLADError(f"{path}: {int(bad.sum())} descriptor rows contain NaN or inf (first: row "
+                           f"{int(np.flatnonzero(bad)[0])}); rerun `sample`")
+    return descriptors, model_config
 
 
 def kmeans(descriptors: np.ndarray, cfg: KMeansConfig, *, progress: bool = True) -> np.ndarray:
@@ -192,12 +200,44 @@ def kmeans(descriptors: np.ndarray, cfg: KMeansConfig, *, progress: bool = True)
 
 
 def write_centroids(path: str | os.PathLike, centroids: np.ndarray, *, model_config: dict, cfg: KMeansConfig) -> Path:
-    import h5py
-
     path = Path(path)
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("centroids", data=centroids.astype(np.float32))
-            f.attrs["model"] = json.dumps(model_config, sort_keys=True)
-            f.attrs["kmeans_config"] = json.dumps(asdict(cfg), sort_keys=True)
+    with atomic_h5(path) as f:
+        f.create_dataset("centroids", data=centroids.astype(np.float32))
+        f.attrs["model"] = json.dumps(model_config, sort_keys=True)
+        f.attrs["kmeans_config"] = json.dumps(asdict(cfg), sort_keys=True)
     return path
+
+
+def initial_model(descriptors_h5: str | os.PathLike, *, centroids_out: str | os.PathLike,
+                  model_out: str | os.PathLike, pooling: dict, cfg: KMeansConfig, progress: bool = True
+                  ) -> tuple[np.ndarray, Path]:
+    """The off-the-shelf model: the sampled backbone with the pooling ``pooling`` (``ModelConfig`` fields such as
+    ``pooling``, ``num_clusters``, ``vladv2``), its NetVLAD layer initialised by k-means on the descriptor sample.
+
+    Writes the centroids (HDF5) and the model file together: both or neither (a failure while writing the second,
+    a full disk say, leaves neither). Returns ``(centroids, model_out)``.
+    """
+    import contextlib
+
+    from .io import distinct_paths
+    from .models import ModelConfig, build_model, save_model
+
+    centroids_out, model_out = Path(centroids_out), Path(model_out)
+    distinct_paths({"--descriptors": descriptors_h5}, {"--centroids-out": centroids_out, "--model-out": model_out})
+    desc, model_dict = read_descriptors(descriptors_h5)
+    model_cfg = ModelConfig.from_dict({**model_dict, **pooling})
+    if model_cfg.pooling == "netvlad" and not 2 <= cfg.num_clusters <= len(desc):
+        raise NetVLADError(f"num-clusters must be between 2 and the {len(desc)} sampled descriptors, got "
+                           f"{cfg.num_clusters}")
+    model = build_model(model_cfg)
+    if model_cfg.pooling == "netvlad":
+        centroids = kmeans(desc, cfg, progress=progress)
+        model.pool.init_params(centroids, desc)
+    else:
+        centroids = desc[:0]
+    with contextlib.ExitStack() as stack:  # both written to temporary names first, renamed only if both succeed
+        tmp_centroids = stack.enter_context(atomic_path(centroids_out))
+        tmp_model = stack.enter_context(atomic_path(model_out))
+        write_centroids(tmp_centroids, centroids, model_config=model_cfg.to_dict(), cfg=cfg)
+        save_model(tmp_model, model, model_cfg)
+    return centroids, model_out

@@ -1,7 +1,9 @@
 """Fetching and unpacking the dataset spec files: resumable HTTP(S) downloads, safe archive extraction.
 
 - :func:`fetch` downloads one URL to a file through a ``.part`` file that a later call resumes with an
-  HTTP ``Range`` request, verifies an optional sha256 and only then renames the file into place.
+  HTTP ``Range`` + ``If-Range`` request, only for the same URL and the same remote file (ETag/Last-Modified and
+  length recorded in a small ``.part.json`` beside it), verifies an optional sha256 and only then renames the
+  file into place.
 - :func:`safe_extract` unpacks a tar (plain/gz/bz2/xz) or zip archive into a folder, all or nothing, refusing
   members that would land outside it (absolute paths, ``..``, links pointing out, device files).
 - :func:`resolve_spec_source` turns ``--spec`` (a URL, a local archive or a folder of .mat files) into a folder
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import os
 import re
 import stat
@@ -26,7 +29,7 @@ from urllib.parse import unquote, urlparse
 from urllib.request import Request, url2pathname, urlopen
 
 from .errors import NetVLADError
-from .io import atomic_path
+from .io import atomic_path, write_json
 
 #: The authors' archive of dbStruct .mat files (pitts30k/250k, tokyoTM, tokyo247); about 2 MB.
 #: Its sha256 is not published: pass the digest printed by the first download to pin it.
@@ -86,14 +89,69 @@ def _content_range(value: str | None) -> tuple[int | None, int | None]:
     return start, total
 
 
+def part_info_path(part: Path) -> Path:
+    """The small JSON file beside a ``.part`` that records where its bytes came from: ``{"url", "etag",
+    "last_modified", "size"}`` (the server's ``ETag``, ``Last-Modified`` and full length; ``null`` if not sent)."""
+    return part.with_name(part.name + ".json")
+
+
+def _remote_identity(url: str, headers, size: int | None) -> dict:
+    return {"url": url, "etag": headers.get("ETag"), "last_modified": headers.get("Last-Modified"), "size": size}
+
+
+def _if_range(info: dict | None, url: str) -> str | None:
+    """The ``If-Range`` validator under which the ``.part`` recorded by ``info`` may be resumed from ``url``: its
+    strong ETag, else its Last-Modified date; ``None`` when the part may not be resumed (no record, another URL,
+    no validator: nothing would tell whether the remote file is still the same)."""
+    if not isinstance(info, dict) or info.get("url") != url:
+        return None
+    etag, modified = info.get("etag"), info.get("last_modified")
+    if isinstance(etag, str) and etag and not etag.startswith("W/"):  # weak tags are not allowed in If-Range
+        return etag
+    return modified if isinstance(modified, str) and modified else None
+
+
+def _read_part_info(part: Path) -> dict | None:
+    try:
+        info = json.loads(part_info_path(part).read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def _discard_part(part: Path) -> None:
+    part.unlink(missing_ok=True)
+    part_info_path(part).unlink(missing_ok=True)
+
+
+def _same_remote(info: dict, headers, total: int | None) -> bool:
+    """Whether a 206 reply's validators and full length agree with those recorded for the ``.part``."""
+    for key, header in (("etag", "ETag"), ("last_modified", "Last-Modified")):
+        got = headers.get(header)
+        if got is not None and info.get(key) is not None and got != info[key]:
+            return False
+    return total is None or info.get("size") is None or total == info["size"]
+
+
 def _transfer(url: str, part: Path, *, timeout: float, progress: bool, desc: str, restarted: bool = False) -> None:
     """One HTTP request that appends to (or restarts) ``part``; returns when the file is complete."""
     from tqdm import tqdm
 
+    def restart() -> None:
+        _discard_part(part)
+        return _transfer(url, part, timeout=timeout, progress=progress, desc=desc, restarted=True)
+
     offset = part.stat().st_size if part.is_file() else 0
+    info = _read_part_info(part) if offset else None
+    validator = _if_range(info, url) if offset else None
+    if offset and validator is None:
+        # Bytes of unknown origin (another URL, an older run, a server without ETag/Last-Modified): start over.
+        _discard_part(part)
+        offset = 0
     headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
+        headers["If-Range"] = validator  # a changed remote file answers 200 (everything), not the range
     try:
         resp = urlopen(Request(url, headers=headers), timeout=timeout)
     except HTTPError as e:
@@ -101,12 +159,11 @@ def _transfer(url: str, part: Path, *, timeout: float, progress: bool, desc: str
             # Range not satisfiable: the .part is either complete or longer than the file (bad).
             _, total = _content_range(e.headers.get("Content-Range"))
             e.close()
-            if total == offset:
+            if total == offset and info.get("size") in (None, total):
                 return
             if restarted:
                 raise NetVLADError(f"{url}: server refuses the range request (HTTP 416) even from byte 0") from None
-            part.unlink()
-            return _transfer(url, part, timeout=timeout, progress=progress, desc=desc, restarted=True)
+            return restart()
         raise NetVLADError(f"{url}: download failed ({_reason(e)})") from None
     except (URLError, OSError, http.client.HTTPException, ValueError) as e:
         # Connection refused, DNS failure, timeout before the response: nothing arrived, nothing to resume.
@@ -117,19 +174,22 @@ def _transfer(url: str, part: Path, *, timeout: float, progress: bool, desc: str
         length = int(length) if length and length.isdigit() else None
         if offset and resp.status == 206:
             start, total = _content_range(resp.headers.get("Content-Range"))
-            if start != offset:
-                # A range we did not ask for: do not splice it in; start again from byte 0.
+            if total is None and length is not None:
+                total = offset + length
+            if start != offset or not _same_remote(info, resp.headers, total):
+                # A range we did not ask for, or of another remote file (a server that ignored If-Range):
+                # do not splice it in; start again from byte 0.
                 resp.close()
                 if restarted:
                     raise NetVLADError(f"{url}: server answered a range request with an unexpected Content-Range")
-                part.unlink()
-                return _transfer(url, part, timeout=timeout, progress=progress, desc=desc, restarted=True)
-            if total is None and length is not None:
-                total = offset + length
+                return restart()
             mode = "ab"
         else:
-            # 200: a fresh download, or a server that ignores Range and sends everything again.
+            # 200: a fresh download, a remote file that changed (If-Range did not match), or a server that
+            # ignores Range: everything again. Record where the bytes come from before the first one is written.
             offset, mode, total = 0, "wb", length
+            part.unlink(missing_ok=True)  # never old bytes under the new record, even if killed right here
+            write_json(part_info_path(part), _remote_identity(url, resp.headers, length))
         with open(part, mode) as fh, tqdm(
             total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
             desc=desc, disable=not progress, leave=False,
@@ -160,10 +220,15 @@ def fetch(
 ) -> str:
     """Download ``url`` (http/https) to ``dest`` and return the file's hex sha256.
 
-    Bytes go to ``dest`` + ``.part``. An existing ``.part`` (from an interrupted run) is resumed with
-    ``Range: bytes=N-``: a ``206`` reply is appended, a ``200`` (server ignores ranges) restarts from byte 0,
-    a ``416`` means the part is already complete (when its size equals the advertised total) or bad
-    (it is discarded and the download restarts). A transfer that breaks off is resumed up to ``retries``
+    Bytes go to ``dest`` + ``.part``; beside it ``dest.part.json`` (:func:`part_info_path`) records the URL and
+    the server's ``ETag``, ``Last-Modified`` and length from the reply that started the file. An existing
+    ``.part`` (from an interrupted run) is resumed only when that record names the same URL and holds a
+    validator (a strong ETag, else Last-Modified); otherwise it is discarded and the download starts over. It
+    is resumed with ``Range: bytes=N-`` and ``If-Range: <validator>``: a ``206`` reply whose ETag,
+    Last-Modified and total length agree with the record is appended; a ``200`` (the remote file changed, or
+    the server ignores ranges) restarts from byte 0; a 206 of another file (a server ignoring If-Range) is
+    discarded and restarted; a ``416`` means the part is already complete (when its size equals the advertised
+    and recorded total) or bad (it is discarded and the download restarts). A transfer that breaks off is resumed up to ``retries``
     times within this call; after that the ``.part`` stays for the next call and a one-line
     :class:`NetVLADError` says so. When ``sha256`` is given and does not match, the downloaded file is removed
     and a :class:`NetVLADError` names the URL, the expected and the actual digest. ``dest`` appears only once
@@ -190,11 +255,12 @@ def fetch(
             attempt += 1
     actual = sha256_file(part)
     if expected is not None and actual != expected:
-        part.unlink(missing_ok=True)
+        _discard_part(part)
         raise NetVLADError(
             f"{url}: sha256 mismatch, expected {expected}, got {actual} (the downloaded file was removed)"
         )
     os.replace(part, dest)
+    part_info_path(part).unlink(missing_ok=True)
     return actual
 
 

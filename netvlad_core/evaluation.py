@@ -5,11 +5,27 @@ Inputs: a features HDF5 written by the features stage (datasets ``db`` (num_db �
 ``dim``) and a split folder (``manifest.load_split`` / ``load_ground_truth``).
 
 Outputs, each written atomically and only after every computation succeeded:
-- metrics JSON: ``recall@N`` (fractions), ``exact_recall@N`` when an approximate index was used, counts,
-  ``median_error_m``, ``localised_within_<thr>m``;
+- metrics JSON, numbers only (what ``dvc metrics show`` / ``dvc exp show`` list): ``recall@N`` (fractions),
+  ``exact_recall@N`` when an approximate index was used, counts, ``median_error_m`` (``null`` when half the queries
+  or more got no position), ``localised_within_<thr>m``;
+- optionally a settings JSON (not a DVC metric): how the numbers were made — model name, dataset, split, index,
+  whether database panoramas were collapsed and what decided it, localisation k/weighting, recall N requested
+  and used;
 - recall plot CSV ``model,n,recall`` (one row per N) for ``dvc plots``;
 - per-query CSV: ranking, correctness and localisation error of every query;
 - optionally ``retrievals.png``: example queries with their top-5 matches, framed green/red.
+
+Numbers are written at full precision: JSON floats and the CSVs' float columns as Python ``repr`` (the shortest
+text that reads back to the same float64, so a UTM northing of 4,477,000.123 m keeps its millimetres and the
+CSV's ``localisation_error_m`` equals ``hypot`` of its own estimate minus position columns), the per-query
+descriptor distances as the shortest text of their float32 value. Only the ``evaluate`` command's summary line
+is rounded for humans.
+
+Panoramas: a split whose ``split.json`` records ``extra.views_per_panorama`` (Tokyo 24/7: 12) is evaluated with
+each ranking collapsed to one view per panorama by default (the papers' protocol); database rows
+``v·p … v·p + v - 1`` form panorama ``p``, as in the authors' ``floor((id-1)/v)``. ``EvalConfig.collapse_panoramas``
+``True``/``False`` overrides the split either way; ``True`` on a split without that record groups the views by
+file name (:func:`netvlad_core.retrieval.panorama_ids_from_paths`).
 """
 
 from __future__ import annotations
@@ -17,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -25,8 +42,8 @@ import numpy as np
 import pandas as pd
 
 from .datasets.manifest import Split, load_ground_truth, load_split
-from .errors import NetVLADError
-from .io import atomic_path
+from .errors import NetVLADError, NetVLADWarning
+from .io import atomic_path, distinct_paths
 from .retrieval import (
     WEIGHTINGS,
     collapse_panoramas,
@@ -52,7 +69,9 @@ class EvalConfig:
     localisation_temperature: float = 0.1
     index_factory: str | None = None
     index_params: str | None = None
-    collapse_panoramas: bool = False
+    #: None: as the split says (collapse when its split.json records ``extra.views_per_panorama``); True/False: always
+    #: / never, whatever the split says.
+    collapse_panoramas: bool | None = None
     batch_size: int = 1024
     num_examples: int = 8
     per_query_top: int = 20
@@ -76,6 +95,9 @@ class EvalConfig:
             raise NetVLADError(f"number of example queries must be 0 or more, got {self.num_examples}")
         if self.per_query_top < 1:
             raise NetVLADError(f"per-query top must be at least 1, got {self.per_query_top}")
+        if self.collapse_panoramas not in (None, True, False):
+            raise NetVLADError(f"collapse panoramas must be None (from the split), True or False, "
+                               f"got {self.collapse_panoramas!r}")
 
 
 # ---------------------------------------------------------------------------------------------- features file
@@ -271,7 +293,8 @@ def _per_query_frame(
             "correct@1": (ranks == 1).astype(int),
             "first_correct_rank": pd.Series(ranks).where(ranks > 0).astype("Int64"),  # empty: none retrieved
             "top_indices": [_format_row(i[v], "%d") for i, v in zip(top_idx, valid)],
-            "top_distances": [_format_row(d[v], "%.6g") for d, v in zip(top_dist, valid)],
+            # shortest text of each float32 squared distance that reads back to the same float32
+            "top_distances": [_format_row(d[v].astype(np.float32), "%s") for d, v in zip(top_dist, valid)],
             "estimate_east": estimates[:, 0],
             "estimate_north": estimates[:, 1],
             "localisation_error_m": errors_m,
@@ -286,6 +309,65 @@ def _finite_or_none(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
+@dataclass
+class PanoramaGrouping:
+    """Whether rankings are collapsed to one view per database panorama, and why.
+
+    ``ids``: panorama id per database row (None when not collapsing); ``decided_by``: ``"split"`` (its
+    ``extra.views_per_panorama``, or its absence) or ``"option"`` (``EvalConfig.collapse_panoramas``);
+    ``views_per_panorama``: the split's record (None when it has none); ``grouped_by``: how views were grouped
+    into panoramas (``"views_per_panorama"``: consecutive database rows, ``"file_names"``), None when not
+    collapsing."""
+
+    ids: np.ndarray | None
+    decided_by: str
+    views_per_panorama: int | None
+    grouped_by: str | None
+
+    @property
+    def collapse(self) -> bool:
+        return self.ids is not None
+
+    @property
+    def num_panoramas(self) -> int | None:
+        return None if self.ids is None else int(self.ids.max()) + 1 if len(self.ids) else 0
+
+
+def panorama_grouping(split: Split, collapse: bool | None, *, where: str | Path = "split.json") -> PanoramaGrouping:
+    """Decide the panorama collapsing of ``split`` (see the module docstring).
+
+    ``collapse=None`` collapses exactly when the split records ``extra.views_per_panorama`` > 1; ``True`` or
+    ``False`` decide regardless. Views are grouped as the split records them (``views_per_panorama`` consecutive
+    database rows per panorama; the database size must be a multiple of it) or, on a split without that record,
+    by file name. A record that is not a positive integer raises :class:`NetVLADError` naming ``where``.
+    """
+    views = split.extra.get("views_per_panorama") if isinstance(split.extra, dict) else None
+    if views is not None:
+        if isinstance(views, bool) or not isinstance(views, int) or views < 1:
+            raise NetVLADError(f"{where}: extra.views_per_panorama must be a positive integer, got {views!r}")
+        if split.num_db % views:
+            raise NetVLADError(f"{where}: extra.views_per_panorama is {views} but the database has {split.num_db} "
+                               f"images, not a multiple of {views}")
+    decided_by = "split" if collapse is None else "option"
+    if collapse is None:
+        collapse = views is not None and views > 1
+    if not collapse:
+        return PanoramaGrouping(None, decided_by, views, None)
+    if views is not None:
+        return PanoramaGrouping(np.arange(split.num_db, dtype=np.int64) // views, decided_by, views,
+                                "views_per_panorama")
+    return PanoramaGrouping(panorama_ids_from_paths(split.db_paths), decided_by, views, "file_names")
+
+
+@dataclass
+class EvalResult:
+    """What :func:`evaluate` wrote: ``metrics`` (numbers only, the metrics JSON) and ``settings`` (the settings
+    JSON: names, switches and the recall N used)."""
+
+    metrics: dict
+    settings: dict
+
+
 def evaluate(
     features_h5: str | Path,
     split_dir: str | Path,
@@ -294,21 +376,29 @@ def evaluate(
     plot_csv: str | Path,
     per_query_csv: str | Path,
     retrievals_png: str | Path | None = None,
+    settings_json: str | Path | None = None,
     model_name: str,
     cfg: EvalConfig | None = None,
     progress: bool = False,
-) -> dict:
-    """Rank the split's database for every query, score the rankings and write the outputs; return the metrics.
+) -> EvalResult:
+    """Rank the split's database for every query, score the rankings and write the outputs; return what was
+    written.
 
     The search is exact (``IndexFlatL2``) unless ``cfg.index_factory`` is set, in which case the exact
-    search also runs and its recall is reported as ``exact_recall@N``. With ``cfg.collapse_panoramas`` each
-    ranking keeps only the best view of every database panorama (Tokyo 24/7 protocol). Bad inputs raise
-    :class:`NetVLADError` and leave every output path untouched.
+    search also runs and its recall is reported as ``exact_recall@N``. Rankings keep only the best view of every
+    database panorama (Tokyo 24/7 protocol) when the split records ``views_per_panorama`` or
+    ``cfg.collapse_panoramas`` is True (:func:`panorama_grouping`). An N of recall@N larger than the database
+    (after collapsing: than the number of panoramas) is lowered to it with a :class:`NetVLADWarning`; the
+    settings record both. Bad inputs, and two outputs (or an output and the features file) naming the same
+    file, raise :class:`NetVLADError` before any work and leave every output path untouched.
     """
     cfg = cfg or EvalConfig()
     cfg.validate()
+    distinct_paths({"--features": features_h5},
+                   {"--metrics": metrics_json, "--plot": plot_csv, "--per-query": per_query_csv,
+                    "--retrievals": retrievals_png, "--settings": settings_json})
     features_h5, split_dir = Path(features_h5), Path(split_dir)
-    ns = sorted({int(n) for n in cfg.recall_ns})
+    requested_ns = sorted({int(n) for n in cfg.recall_ns})
     split = load_split(split_dir)
     positives = load_ground_truth(split_dir).positives
     if len(positives) != split.num_queries:
@@ -318,11 +408,20 @@ def evaluate(
     if split.num_queries == 0 or split.num_db == 0:
         raise NetVLADError(f"{split_dir}: split needs at least one database image and one query")
 
+    grouping = panorama_grouping(split, cfg.collapse_panoramas, where=split_dir / "split.json")
+    panoramas = grouping.ids
+    ranked_items = grouping.num_panoramas if grouping.collapse else split.num_db
+    ns = sorted({min(n, ranked_items) for n in requested_ns})
+    too_large = [n for n in requested_ns if n > ranked_items]
+
     examples = example_queries(split.num_queries, cfg.num_examples if retrievals_png is not None else 0)
     needed = max(ns[-1], cfg.localisation_k, cfg.per_query_top, NUM_SHOWN_MATCHES if len(examples) else 1)
-    panoramas = panorama_ids_from_paths(split.db_paths) if cfg.collapse_panoramas else None
 
     with open_features(features_h5, split, batch_size=cfg.batch_size) as (db, query):
+        if too_large:  # warned once every input has been checked
+            items = "panoramas" if grouping.collapse else "images"
+            warnings.warn(f"{split_dir}: recall@{', recall@'.join(map(str, too_large))} asked for, but the database "
+                          f"has only {ranked_items} {items}; reporting recall@{ranked_items} instead", NetVLADWarning)
 
         def ranked(index_factory: str | None, index_params: str | None) -> tuple[np.ndarray, np.ndarray]:
             if panoramas is None:
@@ -345,6 +444,7 @@ def evaluate(
     errors_m = localisation_errors(estimates, split.q_utm)
     errors_or_inf = np.where(np.isnan(errors_m), np.inf, errors_m)
 
+    # Numbers only: `dvc metrics show` / `dvc exp show` list every key of this file as a metric.
     metrics: dict = {f"recall@{n}": recalls[n] for n in ns}
     if exact_recalls is not None:
         metrics.update({f"exact_recall@{n}": exact_recalls[n] for n in ns})
@@ -355,15 +455,28 @@ def evaluate(
             "num_queries_without_positives": int(sum(len(p) == 0 for p in positives)),
             "median_error_m": _finite_or_none(float(np.median(errors_or_inf))),
             f"localised_within_{split.pos_dist_thr:g}m": float(np.mean(errors_or_inf <= split.pos_dist_thr)),
-            "model": model_name,
-            "dataset": split.dataset,
-            "split": split.name,
-            "index": cfg.index_factory or "Flat",
-            "collapse_panoramas": cfg.collapse_panoramas,
-            "localisation_k": cfg.localisation_k,
-            "localisation_weighting": cfg.localisation_weighting,
         }
     )
+    settings: dict = {
+        "model": model_name,
+        "features": str(features_h5),
+        "dataset": split.dataset,
+        "split": split.name,
+        "split_dir": str(split_dir),
+        "index": cfg.index_factory or "Flat",
+        "index_params": cfg.index_params,
+        "collapse_panoramas": grouping.collapse,
+        "collapse_panoramas_decided_by": grouping.decided_by,
+        "views_per_panorama": grouping.views_per_panorama,
+        "panoramas_grouped_by": grouping.grouped_by,
+        "num_panoramas": grouping.num_panoramas,
+        "localisation_k": cfg.localisation_k,
+        "localisation_weighting": cfg.localisation_weighting,
+        "localisation_temperature": cfg.localisation_temperature,
+        "recall_n_requested": requested_ns,
+        "recall_n": ns,
+        "recall_n_capped_at": ranked_items if too_large else None,
+    }
 
     plot_frame = pd.DataFrame({"model": model_name, "n": ns, "recall": [recalls[n] for n in ns]})
     per_query = _per_query_frame(split, indices, distances, positives, ranks, estimates, errors_m, cfg.per_query_top)
@@ -371,6 +484,8 @@ def evaluate(
     if retrievals_png is not None:
         correct = correct_matrix(indices[examples, :NUM_SHOWN_MATCHES], [positives[q] for q in examples])
         figure = draw_retrievals(split, indices, correct, examples, errors_m)
+    metrics_text = json.dumps(metrics, indent=2, allow_nan=False) + "\n"  # strict JSON (NaN became null above)
+    settings_text = json.dumps(settings, indent=2, allow_nan=False) + "\n"
 
     with contextlib.ExitStack() as stack:  # every temp file is written before any is renamed into place
         tmp_metrics = stack.enter_context(atomic_path(metrics_json))
@@ -378,8 +493,11 @@ def evaluate(
         tmp_per_query = stack.enter_context(atomic_path(per_query_csv))
         if figure is not None:
             save_figure_png(figure, stack.enter_context(atomic_path(retrievals_png)))
-        per_query.to_csv(tmp_per_query, index=False, float_format="%.6g")
-        plot_frame.to_csv(tmp_plot, index=False, float_format="%.6g")
-        tmp_metrics.write_text(json.dumps(metrics, indent=2) + "\n")
-    return metrics
+        if settings_json is not None:
+            stack.enter_context(atomic_path(settings_json)).write_text(settings_text)
+        # No float_format: pandas writes floats as repr, at full float64 precision (see the module docstring).
+        per_query.to_csv(tmp_per_query, index=False)
+        plot_frame.to_csv(tmp_plot, index=False)
+        tmp_metrics.write_text(metrics_text)
+    return EvalResult(metrics=metrics, settings=settings)
 

@@ -4,8 +4,12 @@ File layout: datasets ``db`` (num_db × dim) and ``query`` (num_queries × dim),
 image lists, float32 (or float16 on request); attributes ``complete`` (True once finished), ``split``, ``dataset``,
 ``model`` (the model config as JSON), ``model_fingerprint``, ``dim``, ``dtype``.
 
-While running, the file lives under a hidden ``.<name>.partial`` sibling with progress counters; an interrupted run
-resumes there if the model, split and options are the same, and only a finished file is renamed to the final name.
+While running, the file lives under a hidden ``.<name>.partial`` sibling with progress counters and an ``identity``
+attribute; an interrupted run resumes there only if the identity is the same: the model fingerprint (sha256 of the
+weights), the split's content (:func:`netvlad_core.datasets.manifest.split_fingerprint`: dataset and split names,
+image root, every manifest row's role, path, UTM and timestamp, and each image file's size and mtime), the
+descriptor size and dtype, and the input size and normalisation. Otherwise the partial file is discarded and the
+extraction starts over. Only a finished file is renamed to the final name.
 
 Under torchrun (a :class:`~netvlad_core.distributed.DistContext` with several processes) every rank encodes its
 blocks of each round of ``world × batch_size`` images (:mod:`netvlad_core.distributed`), the round's rows are
@@ -26,13 +30,14 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
 from .datasets.images import ImageFiles
 from .datasets.manifest import Split
 from .device import autocast, prepare_model, to_device
 from .distributed import DistContext, barrier, broadcast_object, gather_batch, num_rounds, pad_rounds, shard_indices
 from .errors import NetVLADError
+from .io import disk_full_error, ensure_free_space, is_disk_full, reserve_space
 
 
 @dataclass
@@ -64,22 +69,27 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 def image_loader(files: Sequence[Path], *, height: int, width: int, mean, std, batch_size: int,
                  num_workers: int, start: int = 0, pin_memory: bool = False,
-                 indices: Sequence[int] | None = None) -> DataLoader:
-    """Batches ``(images, indices)`` of ``files[start:]`` (or of ``files[i] for i in indices``) in order; the
-    indices are positions in ``files``."""
-    ds = ImageFiles(files, height, width, mean, std)
+                 indices: Sequence[int] | None = None, min_side: int = 1):
+    """An iterable of batches ``(images, indices)`` of ``files[start:]`` (or of ``files[i] for i in indices``) in
+    order; the indices are positions in ``files``. Images with a side under ``min_side`` pixels (the model's
+    stride) are refused. An unreadable image raises its one-line :class:`NetVLADError` from the iteration, also
+    when it was decoded in a worker process (:func:`netvlad_core.datasets.images.checked_loader`)."""
+    from .datasets.images import checked_loader
+
+    ds = ImageFiles(files, height, width, mean, std, min_side=min_side)
     if indices is not None:
         ds = Subset(ds, [int(i) for i in indices])
     elif start:
         ds = Subset(ds, range(start, len(files)))
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      pin_memory=pin_memory, persistent_workers=False)
+    return checked_loader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                          pin_memory=pin_memory, persistent_workers=False)
 
 
 @torch.inference_mode()
-def encode_batches(model: torch.nn.Module, loader: DataLoader, device: torch.device, amp: str = "bf16"
+def encode_batches(model: torch.nn.Module, loader, device: torch.device, amp: str = "bf16"
                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield ``(indices, descriptors float32)`` per batch of ``loader``; the model is in eval mode."""
+    """Yield ``(indices, descriptors float32)`` per batch of ``loader`` (:func:`image_loader`); the model is in
+    eval mode."""
     model.eval()
     for images, idx in loader:
         with autocast(device, amp):
@@ -95,9 +105,11 @@ def encode_rounds(model: torch.nn.Module, files: Sequence[Path], *, height: int,
     Single process: :func:`encode_batches`, one batch at a time. Under torchrun: one item per round of
     ``world × batch_size`` images, each rank encoding its ``batch_size`` block (the single-process run's batch
     ``round·world + rank``) and every rank receiving the whole round. Every rank must consume every item.
+    Images smaller than the model's ``stride`` (when it has one) are refused.
     """
     loader_args = dict(height=height, width=width, mean=mean, std=std, batch_size=batch_size,
-                       num_workers=num_workers, pin_memory=device.type == "cuda")
+                       num_workers=num_workers, pin_memory=device.type == "cuda",
+                       min_side=int(getattr(model, "stride", None) or 1))
     if dist is None or not dist.enabled:
         yield from encode_batches(model, image_loader(files, start=start, **loader_args), device, amp)
         return
@@ -141,6 +153,21 @@ def encode_images(model: torch.nn.Module, files: Sequence[Path], *, height: int,
     return out
 
 
+#: Bytes reserved in a partial file beyond its datasets, for the attributes written when it is finished.
+FINAL_ATTRIBUTES_BYTES = 256 * 1024
+
+
+def _allocated_now():
+    """Dataset creation properties: contiguous storage allocated when the dataset is created (not at the first
+    write), so that :func:`~netvlad_core.io.reserve_space` can reserve it on disk before any work."""
+    import h5py
+
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    return dcpl
+
+
 def _partial_path(out_h5: Path) -> Path:
     return out_h5.with_name(f".{out_h5.name}.partial")
 
@@ -148,12 +175,15 @@ def _partial_path(out_h5: Path) -> Path:
 def extract_split_features(model, model_config: dict, split: Split, out_h5: str | os.PathLike, *,
                            device: torch.device, cfg: FeatureConfig, progress: bool = True,
                            dist: DistContext | None = None) -> Path:
-    """Encode every database and query image of ``split`` with ``model`` into ``out_h5`` (resumable).
+    """Encode every database and query image of ``split`` with ``model`` into ``out_h5`` (resumable: a partial file
+    is resumed only when made from the same weights, split content and image files, see the module docstring).
 
     Under torchrun (``dist`` with several processes) the images are sharded over the ranks and rank 0 alone
     writes (and resumes) the file; every rank returns once the final file exists."""
     import h5py
     from tqdm import tqdm
+
+    from .datasets.manifest import split_fingerprint
 
     cfg.validate()
     out_h5 = Path(out_h5)
@@ -163,70 +193,91 @@ def extract_split_features(model, model_config: dict, split: Split, out_h5: str 
     fingerprint = model_fingerprint(model)
     dtype = np.float16 if cfg.float16 else np.float32
     dim = int(model.out_dim)
-    identity = json.dumps({"model": fingerprint, "split": split.name, "dataset": split.dataset,
-                           "num_db": split.num_db, "num_queries": split.num_queries, "dim": dim,
-                           "dtype": np.dtype(dtype).name, "height": model_config["input_height"],
-                           "width": model_config["input_width"]}, sort_keys=True)
-
     is_main = dist is None or dist.is_main
     show = progress and is_main
-    with contextlib.ExitStack() as stack:
-        h5 = None
-        done_by_role: dict[str, int] = {}
-        if is_main:  # only rank 0 opens, resumes and writes the partial file
-            resume = False
-            if partial.exists():
-                try:
-                    with h5py.File(partial, "r") as old:
-                        resume = old.attrs.get("identity") == identity
-                except OSError:
-                    resume = False
+    # What a partial file must have been made from to be resumed (computed by rank 0 only: one stat per image).
+    identity = json.dumps({"model": fingerprint, "split": split.name, "dataset": split.dataset,
+                           "split_fingerprint": split_fingerprint(split, files=True), "num_db": split.num_db,
+                           "num_queries": split.num_queries, "dim": dim, "dtype": np.dtype(dtype).name,
+                           "height": model_config["input_height"], "width": model_config["input_width"],
+                           "mean": [float(v) for v in model_config["mean"]],
+                           "std": [float(v) for v in model_config["std"]]}, sort_keys=True) if is_main else None
+    committed = False  # whether the partial file holds rows a rerun can resume from
+    try:
+        with contextlib.ExitStack() as stack:
+            h5 = None
+            done_by_role: dict[str, int] = {}
+            if is_main:  # only rank 0 opens, resumes and writes the partial file
+                resume = False
+                if partial.exists():
+                    try:
+                        with h5py.File(partial, "r") as old:
+                            resume = old.attrs.get("identity") == identity
+                    except OSError:
+                        resume = False
+                    if not resume:
+                        partial.unlink()
+                if not resume:  # the final file's size must be free before anything is written
+                    ensure_free_space(out_h5, (split.num_db + split.num_queries) * dim * np.dtype(dtype).itemsize
+                                      + FINAL_ATTRIBUTES_BYTES)
+                h5 = stack.enter_context(h5py.File(partial, "r+" if resume else "w"))
                 if not resume:
-                    partial.unlink()
-            h5 = stack.enter_context(h5py.File(partial, "r+" if resume else "w"))
-            if not resume:
-                h5.attrs["identity"] = identity
-                h5.attrs["complete"] = False
-                for role, n in (("db", split.num_db), ("query", split.num_queries)):
-                    h5.create_dataset(role, shape=(n, dim), dtype=dtype, chunks=(min(n, 256), dim) if n else None)
-                    h5.attrs[f"{role}_done"] = 0
-            done_by_role = {role: int(h5.attrs[f"{role}_done"]) for role in ("db", "query")}
-        if dist is not None:
-            done_by_role = broadcast_object(done_by_role, dist, what="sharing the resume position")
-        for role, files in (("db", split.db_files()), ("query", split.query_files())):
-            done = done_by_role[role]
-            if done >= len(files):
-                continue
-            dset = h5[role] if h5 is not None else None
-            rounds = encode_rounds(model, files, height=model_config["input_height"],
-                                   width=model_config["input_width"], mean=model_config["mean"],
-                                   std=model_config["std"], device=device, batch_size=cfg.batch_size,
-                                   num_workers=cfg.num_workers, amp=cfg.amp, dist=dist, start=done)
-            with tqdm(total=len(files), initial=done, desc=f"{split.name} {role}", unit="img",
-                      disable=not show) as bar:
-                for b, (idx, desc) in enumerate(rounds):
-                    lo = int(idx[0])  # a batch (or a round) is a contiguous run of original indices
-                    if not np.isfinite(desc).all():  # every rank sees the round: all raise the same error
-                        bad = lo + int(np.flatnonzero(~np.isfinite(desc).all(axis=1))[0]) if dist is not None else lo
-                        raise NetVLADError(f"{files[bad]}: the model produced NaN/inf descriptors for this batch")
-                    if dset is not None:
-                        dset[lo:lo + len(idx)] = desc.astype(dtype)
-                        if (b + 1) % cfg.flush_every == 0:
-                            h5.attrs[f"{role}_done"] = lo + len(idx)
-                            h5.flush()
-                    bar.update(len(idx))
+                    h5.attrs["identity"] = identity
+                    h5.attrs["complete"] = False
+                    for role, n in (("db", split.num_db), ("query", split.num_queries)):
+                        h5.create_dataset(role, shape=(n, dim), dtype=dtype, dcpl=_allocated_now())
+                        h5.attrs[f"{role}_done"] = 0
+                h5.flush()  # the rows' space, and some for the final attributes, reserved before any image is read
+                reserve_space(partial, partial.stat().st_size + FINAL_ATTRIBUTES_BYTES)
+                done_by_role = {role: int(h5.attrs[f"{role}_done"]) for role in ("db", "query")}
+                committed = any(done_by_role.values())
+            if dist is not None:
+                done_by_role = broadcast_object(done_by_role, dist, what="sharing the resume position")
+            for role, files in (("db", split.db_files()), ("query", split.query_files())):
+                done = done_by_role[role]
+                if done >= len(files):
+                    continue
+                dset = h5[role] if h5 is not None else None
+                rounds = encode_rounds(model, files, height=model_config["input_height"],
+                                       width=model_config["input_width"], mean=model_config["mean"],
+                                       std=model_config["std"], device=device, batch_size=cfg.batch_size,
+                                       num_workers=cfg.num_workers, amp=cfg.amp, dist=dist, start=done)
+                with tqdm(total=len(files), initial=done, desc=f"{split.name} {role}", unit="img",
+                          disable=not show) as bar:
+                    for b, (idx, desc) in enumerate(rounds):
+                        lo = int(idx[0])  # a batch (or a round) is a contiguous run of original indices
+                        if not np.isfinite(desc).all():  # every rank sees the round: all raise the same error
+                            bad = lo + int(np.flatnonzero(~np.isfinite(desc).all(axis=1))[0]) if dist is not None else lo
+                            raise NetVLADError(f"{files[bad]}: the model produced NaN/inf descriptors for this batch")
+                        if dset is not None:
+                            dset[lo:lo + len(idx)] = desc.astype(dtype)
+                            if (b + 1) % cfg.flush_every == 0:
+                                h5.attrs[f"{role}_done"] = lo + len(idx)
+                                h5.flush()
+                                committed = True
+                        bar.update(len(idx))
+                if h5 is not None:
+                    h5.attrs[f"{role}_done"] = len(files)
+                    h5.flush()
             if h5 is not None:
-                h5.attrs[f"{role}_done"] = len(files)
-                h5.flush()
-        if h5 is not None:
-            h5.attrs["split"] = split.name
-            h5.attrs["dataset"] = split.dataset
-            h5.attrs["model"] = json.dumps(model_config, sort_keys=True)
-            h5.attrs["model_fingerprint"] = fingerprint
-            h5.attrs["dim"] = dim
-            h5.attrs["dtype"] = np.dtype(dtype).name
-            h5.attrs["feature_config"] = json.dumps(asdict(cfg), sort_keys=True)
-            h5.attrs["complete"] = True
+                h5.attrs["split"] = split.name
+                h5.attrs["dataset"] = split.dataset
+                h5.attrs["model"] = json.dumps(model_config, sort_keys=True)
+                h5.attrs["model_fingerprint"] = fingerprint
+                h5.attrs["dim"] = dim
+                h5.attrs["dtype"] = np.dtype(dtype).name
+                h5.attrs["feature_config"] = json.dumps(asdict(cfg), sort_keys=True)
+                h5.attrs["complete"] = True
+    except BaseException as e:
+        # A partial file that holds no committed rows is no use to a rerun; one written on a full disk may be
+        # corrupt: remove both, so a failure leaves nothing behind but a partial a rerun can resume from.
+        full = isinstance(e, Exception) and not isinstance(e, NetVLADError) and is_disk_full(e)
+        if is_main and (full or not committed):
+            partial.unlink(missing_ok=True)
+        if full:
+            raise disk_full_error(out_h5, (split.num_db + split.num_queries) * dim * np.dtype(dtype).itemsize) \
+                from None
+        raise
     if is_main:
         os.replace(partial, out_h5)
     if dist is not None:

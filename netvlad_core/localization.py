@@ -119,12 +119,12 @@ def load_database(features_h5: str | os.PathLike, split: Split, model: torch.nn.
     return rows
 
 
-def _read_images(files: Sequence[Path], height: int, width: int, mean, std
+def _read_images(files: Sequence[Path], height: int, width: int, mean, std, *, min_side: int = 1
                  ) -> tuple[list[tuple[int, torch.Tensor]], list[ImageFailure]]:
     good, failures = [], []
     for i, f in enumerate(files):
         try:
-            good.append((i, load_image(Path(f), height, width, mean, std)))
+            good.append((i, load_image(Path(f), height, width, mean, std, min_side=min_side)))
         except NetVLADError as e:
             failures.append(ImageFailure(str(f), str(e)))
     return good, failures
@@ -152,7 +152,7 @@ def localize(model: torch.nn.Module, model_config: dict, images: Sequence[str | 
 
     height, width = int(model_config["input_height"]), int(model_config["input_width"])
     good, failures = _read_images([Path(p) for p in images], height, width, model_config["mean"],
-                                  model_config["std"])
+                                  model_config["std"], min_side=int(getattr(model, "stride", None) or 1))
     if not good:
         return [], failures
     descriptors = []
@@ -180,7 +180,8 @@ def localize(model: torch.nn.Module, model_config: dict, images: Sequence[str | 
 
 
 def format_localization(result: Localization) -> str:
-    """Human-readable lines: the estimate, then one line per match."""
+    """Human-readable lines: the estimate, then one line per match; positions rounded to 0.1 m and squared
+    distances to 4 decimals (:func:`results_json` keeps full precision)."""
     lines = [f"{result.image}: position E {result.utm_east:.1f} N {result.utm_north:.1f}"]
     for m in result.matches:
         lines.append(f"  {m.rank:>3}. {m.path}  d²={m.squared_distance:.4f}  E {m.utm_east:.1f} N {m.utm_north:.1f}")
@@ -188,5 +189,5 @@ def format_localization(result: Localization) -> str:
 
 
 def results_json(results: Sequence[Localization]) -> str:
-    """One JSON document: a list with one object per answered photo."""
-    return json.dumps([r.to_dict() for r in results], indent=2)
+    """One strict JSON document: a list with one object per answered photo, numbers at full precision (``repr``)."""
+    return json.dumps([r.to_dict() for r in results], indent=2, allow_nan=False)

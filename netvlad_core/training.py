@@ -14,8 +14,10 @@ from ``(seed, epoch)``, in *refresh blocks* of ``cache_refresh_rate`` queries. E
    pass; the loss is the sum over the batch's triplets divided by their number.
 
 After each epoch: the learning rate schedule steps (StepLR), recall@1/5/10 is measured on the validation split
-with :mod:`netvlad_core.retrieval`, the best model by recall@5 is saved to ``out``, an epoch-end checkpoint is
-written, and training stops after ``patience`` epochs without improvement (0 = never early-stop).
+with :mod:`netvlad_core.retrieval`, the weights of the best epoch by recall@5 are kept (in memory and in the
+checkpoint), an epoch-end checkpoint is written, and training stops after ``patience`` epochs without improvement
+(0 = never early-stop). ``out`` is written once, when training ends, with the best epoch's weights: an interrupted
+run leaves no ``out``.
 
 The model runs in eval mode throughout: BatchNorm layers keep their ImageNet running statistics (their affine
 parameters still learn where trainable) and there is no dropout, so a step does not depend on how a batch is
@@ -25,11 +27,16 @@ and the pooling layer) are optimised.
 Checkpoints (``<checkpoint_dir>/train_state.pt``, written atomically, read with ``weights_only=True``) hold the
 model, optimiser and scheduler state, the best model so far, the negative cache, the RNG states (torch, numpy,
 python, the mining generator), the epoch, the epoch's query order and the position in it, the best recall and
-the epochs without improvement, and the DVCLive step. A checkpoint is resumed only when the hash of the
-training parameters, the initial model's config and weights, the device type and both splits matches;
-otherwise a one-line notice is printed and training starts over. The checkpoint is deleted after a successful
-finish. On CPU (deterministic algorithms on, ordered loaders) a resumed run ends with the same weights, bit for
-bit, as an uninterrupted one.
+the epochs without improvement, the DVCLive step, and the DVCLive files written so far (metrics.json,
+params.yaml and the plots' .tsv files, as text). A checkpoint is resumed only when its hash (:func:`run_identity`)
+matches: the training parameters (all but ``workers`` and ``cache_memmap``), the initial model's config and
+weights (sha256 of the state dict), the device type, the checkpoint format, and both splits' content
+(:func:`netvlad_core.datasets.manifest.split_fingerprint`: dataset and split names, thresholds, image root, every
+manifest row's role, path, UTM and timestamp, and each image file's size and mtime); otherwise a one-line notice is
+printed and training starts over. On resume the DVCLive files are restored from the checkpoint before DVCLive
+opens the folder (``dvc repro`` deletes it before rerunning the stage), so the curves equal an uninterrupted run's.
+The checkpoint is deleted after a successful finish. On CPU (deterministic algorithms on, ordered loaders) a
+resumed run ends with the same weights, bit for bit, as an uninterrupted one.
 
 Under torchrun (``dist``, :mod:`netvlad_core.distributed`) ``batch_size`` is the global batch. Cache refreshes and
 validation are sharded over the ranks (:func:`netvlad_core.features.encode_rounds`); rank 0 holds the cache, mines
@@ -47,7 +54,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
 import dataclasses
 import hashlib
 import json
@@ -61,10 +67,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from .datasets.images import load_image
-from .datasets.manifest import GroundTruth, Split
+from .datasets.manifest import GroundTruth, Split, split_fingerprint
 from .device import autocast, prepare_model, to_device
 from .distributed import DistContext, all_reduce_sum, broadcast_object, shard_indices
 from .errors import NetVLADError
@@ -74,7 +80,7 @@ from .mining import (MiningConfig, MiningStats, Triplets, batch_loss, batch_loss
                      mine_triplets)
 
 CHECKPOINT_NAME = "train_state.pt"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: the DVCLive history travels with the checkpoint ("live_files")
 RECALL_NS = (1, 5, 10)
 # Options that change what is computed; the rest (workers, progress, paths) do not enter the checkpoint hash.
 _NOT_IN_IDENTITY = ("workers", "cache_memmap")
@@ -198,11 +204,24 @@ def encode_into(model: torch.nn.Module, files: Sequence[Path], out: np.ndarray |
 
 
 def allocate_cache(rows: int, dim: int, dtype, memmap_path: Path | None) -> np.ndarray:
-    """An uninitialised ``(rows, dim)`` cache: in memory, or a ``np.memmap`` at ``memmap_path``."""
+    """An uninitialised ``(rows, dim)`` cache: in memory, or a ``np.memmap`` at ``memmap_path``.
+
+    The memory-mapped file's blocks are reserved up front (``posix_fallocate``): a sparse file on a full disk would
+    kill the process with SIGBUS at the first write into a page that cannot be stored; this way a full disk is one
+    error here, and the file is removed."""
+    from .io import reserve_space
+
     if memmap_path is None:
         return np.empty((rows, dim), dtype=dtype)
     memmap_path.parent.mkdir(parents=True, exist_ok=True)
-    return np.lib.format.open_memmap(memmap_path, mode="w+", dtype=dtype, shape=(rows, dim))
+    cache = np.lib.format.open_memmap(memmap_path, mode="w+", dtype=dtype, shape=(rows, dim))
+    try:
+        reserve_space(memmap_path, memmap_path.stat().st_size)
+    except BaseException:
+        del cache
+        memmap_path.unlink(missing_ok=True)
+        raise
+    return cache
 
 
 def cache_dtype(device: torch.device):
@@ -214,19 +233,29 @@ def cache_dtype(device: torch.device):
 
 class TripletBatches(Dataset):
     """Item ``i`` = ``(images, counts)`` of the ``i``-th batch: per query ``[q, p, n_1..n_k]`` images stacked, and
-    the number of negatives of each query."""
+    the number of negatives of each query. Images with a side under ``min_side`` pixels (the model's stride) are
+    refused."""
 
-    def __init__(self, batches: list[list[Triplets]], split: Split, dims: dict):
+    def __init__(self, batches: list[list[Triplets]], split: Split, dims: dict, *, min_side: int = 1):
         self.batches = batches
         self.db_files, self.q_files = split.db_files(), split.query_files()
         self.dims = dims
+        self.min_side = int(min_side)
 
     def __len__(self) -> int:
         return len(self.batches)
 
+    def loader(self, *, num_workers: int, pin_memory: bool = False):
+        """The items in order, decoded by ``num_workers`` processes; an unreadable image raises its one-line
+        :class:`NetVLADError` from the iteration, as without workers
+        (:func:`netvlad_core.datasets.images.checked_loader`)."""
+        from .datasets.images import checked_loader
+
+        return checked_loader(self, batch_size=None, shuffle=False, num_workers=num_workers, pin_memory=pin_memory)
+
     def _load(self, path: Path) -> torch.Tensor:
         d = self.dims
-        return load_image(path, d["height"], d["width"], d["mean"], d["std"])
+        return load_image(path, d["height"], d["width"], d["mean"], d["std"], min_side=self.min_side)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         images, counts = [], []
@@ -292,22 +321,14 @@ def restore_rng_states(states: dict, mining_rng: np.random.Generator) -> None:
     mining_rng.bit_generator.state = states["mining"]
 
 
-def split_identity(split: Split) -> str:
-    """sha256 of a split's image lists and positions (what the ground truth is computed from)."""
-    h = hashlib.sha256()
-    h.update(json.dumps([split.dataset, split.name, split.pos_dist_thr, split.non_triv_pos_dist_sq_thr]).encode())
-    for paths, utm in ((split.db_paths, split.db_utm), (split.q_paths, split.q_utm)):
-        h.update("\n".join(paths).encode())
-        h.update(np.ascontiguousarray(utm, dtype=np.float64).tobytes())
-    return h.hexdigest()
-
-
 def run_identity(cfg: TrainConfig, model_cfg, init_fingerprint: str, train_split: Split, val_split: Split,
                  device: torch.device) -> str:
-    """The hash a checkpoint must carry to be resumed."""
+    """The hash a checkpoint must carry to be resumed: the training parameters (except workers and cache-memmap),
+    the model config, the initial weights' fingerprint, both splits' content and image files
+    (:func:`netvlad_core.datasets.manifest.split_fingerprint`), the device type and the checkpoint format."""
     params = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_IDENTITY}
     blob = json.dumps({"train": params, "model": model_cfg.to_dict(), "init_weights": init_fingerprint,
-                       "train_split": split_identity(train_split), "val_split": split_identity(val_split),
+                       "train_split": split_fingerprint(train_split), "val_split": split_fingerprint(val_split),
                        "device": device.type, "format": CHECKPOINT_FORMAT}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -320,21 +341,45 @@ def epoch_query_order(usable: np.ndarray, seed: int, epoch: int, max_queries: in
 
 # ----------------------------------------------------------------------------------------------------- DVCLive
 
-def trim_live_history(live_dir: Path, step: int) -> None:
-    """Drop DVCLive rows logged at ``step`` or later (after the checkpoint being resumed), so a resumed run does
-    not repeat points in the plots."""
-    for tsv in (Path(live_dir) / "plots" / "metrics").rglob("*.tsv"):
-        with open(tsv, newline="") as f:
-            rows = list(csv.reader(f, delimiter="\t"))
-        if not rows or "step" not in rows[0]:
-            continue
-        col = rows[0].index("step")
-        keep = [rows[0]] + [r for r in rows[1:] if len(r) > col and int(r[col]) < step]
-        if len(keep) != len(rows):
-            tmp = tsv.with_name(f".{tsv.name}.tmp")
-            with open(tmp, "w", newline="") as f:
-                csv.writer(f, delimiter="\t", lineterminator="\n").writerows(keep)
-            os.replace(tmp, tsv)
+_LIVE_SUMMARY_FILES = ("metrics.json", "params.yaml")
+
+
+def _live_history_paths(live_dir: Path) -> list[Path]:
+    """The DVCLive files that hold the curves and the summary: metrics.json, params.yaml, plots/metrics/**/*.tsv."""
+    paths = [live_dir / name for name in _LIVE_SUMMARY_FILES]
+    paths += sorted((live_dir / "plots" / "metrics").rglob("*.tsv"))
+    return [p for p in paths if p.is_file()]
+
+
+def live_history(live_dir: str | os.PathLike) -> dict[str, str]:
+    """DVCLive's files in ``live_dir`` as ``{relative posix path: text}`` (metrics.json, params.yaml and every
+    .tsv under plots/metrics), for the checkpoint: strings load with ``weights_only=True``."""
+    live_dir = Path(live_dir)
+    files = {}
+    for p in _live_history_paths(live_dir):
+        with open(p, encoding="utf-8", newline="") as f:
+            files[p.relative_to(live_dir).as_posix()] = f.read()
+    return files
+
+
+def restore_live_history(live_dir: str | os.PathLike, files: dict[str, str]) -> None:
+    """Make ``live_dir``'s DVCLive files exactly ``files`` (from :func:`live_history`): files of that kind not in it
+    (rows logged after the checkpoint, or a folder `dvc repro` emptied) are removed, the others (re)written, each
+    atomically. Called before DVCLive opens the folder, so a resumed run's curves equal an uninterrupted run's."""
+    live_dir = Path(live_dir)
+    for p in _live_history_paths(live_dir):
+        if p.relative_to(live_dir).as_posix() not in files:
+            p.unlink()
+    for rel, text in files.items():
+        parts = Path(rel).parts
+        if Path(rel).is_absolute() or ".." in parts or not parts:
+            raise NetVLADError(f"checkpoint: bad DVCLive file name {rel!r}")
+        target = live_dir / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.restore.tmp")
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, target)
 
 
 # ------------------------------------------------------------------------------------------------------ the loop
@@ -395,7 +440,8 @@ def train(
     dist: DistContext | None = None,
 ) -> TrainResult:
     """Train ``model`` (loaded from the k-means-initialised model file, config ``model_cfg``) with triplets from
-    ``train_split``; keep the best model by validation recall@5 in ``out``. See the module docstring.
+    ``train_split``; write the best model by validation recall@5 to ``out`` when training ends (not before, so an
+    interrupted run leaves no ``out``). See the module docstring.
 
     Under torchrun (``dist`` with several processes; ``device`` is this rank's): cache refreshes and validation
     are sharded over the ranks; rank 0 keeps the descriptor cache, mines and sends the triplets to every rank;
@@ -414,6 +460,10 @@ def train(
     say = log if is_main else (lambda msg: None)
     show = progress and is_main
     out, live_dir, checkpoint_dir = Path(out), Path(live_dir), Path(checkpoint_dir)
+    for folder, option in ((live_dir, "live-dir"), (checkpoint_dir, "checkpoint-dir")):
+        if out.resolve().is_relative_to(folder.resolve()):
+            raise NetVLADError(f"{out}: the output model lies in the {option} folder {folder}, which training "
+                               f"rewrites; put it elsewhere")
     checkpoint_path = checkpoint_dir / CHECKPOINT_NAME
     if len(train_gt.train_positives) != train_split.num_queries:
         raise NetVLADError(f"train split {train_split.name!r}: ground truth has {len(train_gt.train_positives)} "
@@ -430,7 +480,9 @@ def train(
 
     dims = _model_dims(model_cfg)
     model = prepare_model(model, device).eval()
-    identity = run_identity(cfg, model_cfg, model_fingerprint(model), train_split, val_split, device)
+    # only rank 0 reads and writes checkpoints, so only it stats the image files for the identity
+    identity = run_identity(cfg, model_cfg, model_fingerprint(model), train_split, val_split, device) \
+        if is_main else None
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise NetVLADError("the model has no trainable parameters (check trainable-blocks and the pooling)")
@@ -459,8 +511,8 @@ def train(
         live_step, skipped_total = int(state["live_step"]), int(state["skipped_queries"])
         stopped = bool(state["stopped"])
         epoch_stats = MiningStats(**{k: int(v) for k, v in state["epoch_stats"].items()})
-        if is_main:
-            trim_live_history(live_dir, live_step)
+        if is_main:  # the curves as they were at the checkpoint, even if `dvc repro` deleted the folder
+            restore_live_history(live_dir, state["live_files"])
         say(f"train: resuming from {checkpoint_path} at epoch {epoch + 1}, query {position} of {len(order)}")
     else:
         torch.manual_seed(cfg.seed)
@@ -484,7 +536,7 @@ def train(
             "query_order": torch.from_numpy(np.asarray(order, dtype=np.int64).copy()),
             "best_recall": {int(k): float(v) for k, v in best_recall.items()}, "best_epoch": best_epoch,
             "epochs_without_improvement": no_improve, "live_step": live.step, "skipped_queries": skipped_total,
-            "stopped": stopped, "epoch_stats": asdict(epoch_stats),
+            "stopped": stopped, "epoch_stats": asdict(epoch_stats), "live_files": live_history(live_dir),
         })
 
     memmap_path = checkpoint_dir / "db_cache.npy" if cfg.cache_memmap else None
@@ -544,9 +596,9 @@ def train(
                     parts = [[b[i] for i in shard_indices(len(b), dist.rank, dist.world_size)] for b in batches] \
                         if distributed else batches
                     nonempty = [p for p in parts if p]
-                    loader = DataLoader(TripletBatches(nonempty, train_split, dims), batch_size=None, shuffle=False,
-                                        num_workers=min(cfg.workers, len(nonempty)),
-                                        pin_memory=device.type == "cuda")
+                    loader = TripletBatches(nonempty, train_split, dims,
+                                            min_side=int(getattr(model, "stride", None) or 1)).loader(
+                        num_workers=min(cfg.workers, len(nonempty)), pin_memory=device.type == "cuda")
                     loaded = iter(loader)
                     for size, triplets, part in zip(sizes, batches, parts):
                         if triplets and distributed:
@@ -583,9 +635,8 @@ def train(
             live.next_step()
             if not best_recall or recall[5] > best_recall[5]:
                 best_recall, best_epoch, no_improve = dict(recall), epoch + 1, 0
-                if is_main:
+                if is_main:  # kept in memory and in the checkpoint; `out` is written once, when training ends
                     best_state = _state_copy(model)
-                    save_model(out, model, model_cfg)
             else:
                 no_improve += 1
             say(f"train: epoch {epoch + 1}: recall@1/5/10 = {recall[1]:.4f}/{recall[5]:.4f}/{recall[10]:.4f}, "
@@ -598,7 +649,7 @@ def train(
             order = epoch_query_order(usable, cfg.seed, epoch, cfg.max_queries_per_epoch)
             checkpoint()
 
-    # ---- finish: the best weights go to `out` (rewritten so a resumed run has them even if `out` was removed)
+    # ---- finish: the best weights go to `out`, written only now (an interrupted run leaves no `out` behind)
     if is_main:
         final = copy.deepcopy(model).cpu() if device.type != "cpu" else model
         final.load_state_dict(best_state)
@@ -680,6 +731,7 @@ def _load_checkpoint(path: Path, identity: str, log: Callable[[str], None]) -> d
         log(f"train: ignoring checkpoint {path}: unknown format; starting over")
         return None
     if state.get("identity") != identity:
-        log(f"train: ignoring checkpoint {path}: made with other parameters, initial model or splits; starting over")
+        log(f"train: ignoring checkpoint {path}: made with other parameters, initial model, splits or image "
+            "files; starting over")
         return None
     return state

@@ -25,7 +25,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def user_errors(fn: F) -> F:
-    """Turn :class:`NetVLADError` (and a missing input file) into ``error: <message>`` and exit 2.
+    """Turn :class:`NetVLADError` (and a full disk) into ``error: <message>`` and exit 2.
     Also keeps the process's freed CPU buffers mapped (:func:`netvlad_core.device.configure_cpu_allocator`),
     a process-wide setting that belongs to a command, not to the library."""
 
@@ -40,6 +40,14 @@ def user_errors(fn: F) -> F:
                 return fn(*args, **kwargs)
         except NetVLADError as e:
             typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        except Exception as e:  # a full disk met outside an atomic write (h5py, torch, numpy name no file)
+            from netvlad_core.io import is_disk_full
+
+            if not is_disk_full(e):
+                raise
+            where = getattr(e, "filename", None)
+            typer.echo(f"error: {where + ': ' if where else ''}cannot write, no space left on device", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.echo("error: interrupted", err=True)

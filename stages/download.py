@@ -23,7 +23,7 @@ def main(
     ),
     spec: Optional[str] = typer.Option(
         None, "--spec", metavar="PATH_OR_URL",
-        help=f"The dbStruct .mat files: an http(s)/file URL, a local tar/zip archive or a folder holding them "
+        help="The dbStruct .mat files: an http(s)/file URL, a local tar/zip archive or a folder holding them "
         "(searched recursively). Default: the authors' netvlad_v100_datasets.tar.gz from the NetVLAD project "
         "page (netvlad_core.download.AUTHORS_SPEC_URL). Not used for vg.",
     ),
@@ -71,22 +71,14 @@ def main(
     sha256 = sha256 or None
     image_root = Path(image_root) if image_root else None
     info = get_dataset(dataset)
-    if info.name == "synthetic":
-        # The built-in city: rendered into --out (all or nothing), then read like Pittsburgh.
-        from netvlad_core.datasets.official import build_splits
-        from netvlad_core.datasets.synthetic import SyntheticConfig, render_dataset
-        from netvlad_core.io import atomic_path
+    if info.name == "synthetic":  # the built-in city: rendered into --out (all or nothing), read like Pittsburgh
+        from netvlad_core.datasets.synthetic import SyntheticConfig, prepare_synthetic_dataset
 
         cfg = SyntheticConfig(seed=seed, width=width, height=height, train_blocks=train_blocks,
                               val_blocks=val_blocks, test_blocks=test_blocks, db_spacing_m=db_spacing_m,
                               headings=headings, train_queries=train_queries, val_queries=val_queries,
                               test_queries=test_queries)
-        cfg.validate()
-        with atomic_path(out, is_dir=True) as tmp:
-            render_dataset(cfg, tmp / "raw", workers=workers, progress=progress)
-            build_splits("synthetic", tmp, spec_dir=tmp / "raw", image_root=tmp / "raw" / "images",
-                         splits=split or None)
-        paths = [out / s.name for s in sorted(out.iterdir()) if (s / "split.json").is_file()]
+        paths = prepare_synthetic_dataset(cfg, out, splits=split or None, workers=workers, progress=progress)
     else:
         paths = prepare_dataset(
             info.name, out, spec=spec, image_root=image_root, sha256=sha256, cache_dir=cache_dir,

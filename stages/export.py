@@ -20,8 +20,10 @@ def main(
     """Export the model to ONNX and check onnxruntime against PyTorch on the same random input."""
     from netvlad_core.errors import NetVLADError
     from netvlad_core.export import export_onnx
+    from netvlad_core.io import distinct_paths
     from netvlad_core.models import load_model
 
+    distinct_paths({"--model": model}, {"--out": out})
     if export_format.lower() != "onnx":
         raise NetVLADError(f"unknown export format {export_format!r}; valid: onnx")
     net, model_cfg = load_model(model)

@@ -22,13 +22,16 @@ def main(
     progress: bool = typer.Option(True, help="Show a progress bar."),
     dist_timeout: float = typer.Option(600.0, help="Under torchrun: seconds a process waits for the others in a collective before failing with an error (a dead or stuck peer)."),
 ) -> None:
-    """Encode every database and query image of a split; an interrupted run resumes where it stopped.
-    Under torchrun the images are shared out among the processes and rank 0 writes the file."""
+    """Encode every database and query image of a split. An interrupted run resumes where it stopped, if the model,
+    the split (manifest rows, image root, image files' sizes and times) and the options are the same; otherwise it
+    starts over. Under torchrun the images are shared out among the processes and rank 0 writes the file."""
     from netvlad_core.datasets.manifest import load_split
     from netvlad_core.distributed import distributed_session
     from netvlad_core.features import FeatureConfig, extract_split_features
+    from netvlad_core.io import distinct_paths
     from netvlad_core.models import load_model
 
+    distinct_paths({"--model": model}, {"--out": out})
     cfg = FeatureConfig(batch_size=batch_size, num_workers=workers, float16=float16, amp=amp)
     cfg.validate()
     split = load_split(split_dir)

@@ -21,26 +21,14 @@ def main(
     seed: int = typer.Option(0, help="k-means seed."),
     progress: bool = typer.Option(True, help="Show k-means progress."),
 ) -> None:
-    """Run faiss k-means on the descriptor sample and initialise the NetVLAD layer from it."""
-    from netvlad_core.clustering import KMeansConfig, kmeans, read_descriptors, write_centroids
-    from netvlad_core.models import ModelConfig, build_model, save_model
+    """Run faiss k-means on the descriptor sample and initialise the NetVLAD layer from it. The centroids and the
+    model are written together: both or neither."""
+    from netvlad_core.clustering import KMeansConfig, initial_model
 
-    desc, model_dict = read_descriptors(descriptors)
-    model_cfg = ModelConfig.from_dict({**model_dict, "pooling": pooling, "num_clusters": num_clusters, "vladv2": vladv2})
-    model_cfg.validate()
     cfg = KMeansConfig(num_clusters=num_clusters, iterations=iterations, seed=seed)
-    if pooling == "netvlad" and not 2 <= num_clusters <= len(desc):
-        from netvlad_core.errors import NetVLADError
-
-        raise NetVLADError(f"num-clusters must be between 2 and the {len(desc)} sampled descriptors, got {num_clusters}")
-    model = build_model(model_cfg)
-    if pooling == "netvlad":
-        centroids = kmeans(desc, cfg, progress=progress)
-        model.pool.init_params(centroids, desc)
-    else:
-        centroids = desc[:0]
-    write_centroids(centroids_out, centroids, model_config=model_cfg.to_dict(), cfg=cfg)
-    save_model(model_out, model, model_cfg)
+    centroids, _ = initial_model(descriptors, centroids_out=centroids_out, model_out=model_out,
+                                 pooling={"pooling": pooling, "num_clusters": num_clusters, "vladv2": vladv2},
+                                 cfg=cfg, progress=progress)
     typer.echo(f"kmeans: {centroids.shape[0]} centroids -> {centroids_out}; model -> {model_out}")
 
 

@@ -1,7 +1,11 @@
 """Command `localize`: where were these photos taken? Top database matches and a position estimate per photo.
 
-Exit status: 0 when at least one photo was answered; 2 when none was (every photo unreadable) or on a user error
-(bad model, features file or split). Each unreadable photo gets one ``error: <path>: ...`` line on stderr.
+Exit status: 0 when every photo was answered; 1 when some photos could not be read (they are reported, the others
+answered); 2 when none could be read, or on a user error (bad model, features file or split; nothing answered).
+Each unreadable photo gets one ``error: <path>: ...`` line on stderr.
+
+Numbers: ``--json`` writes every position, match position and squared distance at full precision (JSON floats are
+Python ``repr``); the plain-text lines round positions to 0.1 m and d² to 4 decimals, for reading.
 """
 
 from __future__ import annotations
@@ -25,11 +29,15 @@ def main(
     temperature: float = typer.Option(0.1, help="Temperature of the softmax weighting (squared descriptor distance)."),
     batch_size: int = typer.Option(16, help="Photos per forward pass."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON document (a list with one object per answered photo)."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON document (a list with one object per answered photo), every number at full precision."),
 ) -> None:
     """Retrieve each photo's nearest database images and estimate its position (UTM metres).
 
-    Unreadable photos are reported on stderr and skipped; exit status 0 if at least one photo was answered, else 2.
+    Unreadable photos are reported on stderr (one `error:` line each) and skipped. Exit status: 0 when every photo
+    was answered, 1 when some could not be read (the others are answered), 2 when none could be read or on a user
+    error (bad model, features file or split).
+
+    The plain-text output rounds positions to 0.1 m and d² to 4 decimals; --json gives full precision.
     """
     from netvlad_core.device import select_device
     from netvlad_core.localization import LocalizeConfig, format_localization, localize, results_json
@@ -51,6 +59,8 @@ def main(
     if not results:
         typer.echo(f"error: none of the {len(failures)} photo(s) could be read", err=True)
         raise typer.Exit(2)
+    if failures:  # partly answered: a script must not take the missing answers for success
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

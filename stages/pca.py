@@ -28,9 +28,11 @@ def main(
     from netvlad_core.datasets.manifest import load_split
     from netvlad_core.distributed import distributed_session
     from netvlad_core.features import FeatureConfig
+    from netvlad_core.io import distinct_paths
     from netvlad_core.models import load_model, save_model
     from netvlad_core.models.whitening import PCAConfig, fit_model_whitening
 
+    distinct_paths({"--model": model}, {"--out": out})
     cfg = PCAConfig(dim=dim, max_images=max_images, seed=seed)
     cfg.validate()
     feature_cfg = FeatureConfig(batch_size=batch_size, num_workers=workers, amp=amp)

@@ -19,7 +19,7 @@ def main(
     input_width: int = typer.Option(320, help="Images are resized to this width (pixels)."),
     num_descriptors: int = typer.Option(50_000, help="Total number of local descriptors to sample."),
     per_image: int = typer.Option(100, help="Descriptors sampled per image (at most the feature-map locations)."),
-    seed: int = typer.Option(0, help="Seed for choosing images and locations."),
+    seed: int = typer.Option(0, help="Seed for choosing images and locations, and of the backbone's random initialisation with --weights none (recorded in the model config as init_seed)."),
     batch_size: int = typer.Option(16, help="Images per forward pass."),
     workers: int = typer.Option(2, help="DataLoader worker processes for decoding images."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
@@ -32,7 +32,12 @@ def main(
     from netvlad_core.distributed import broadcast_module, distributed_session, local_main_first
     from netvlad_core.models import ModelConfig, build_model
 
-    model_cfg = ModelConfig(backbone=backbone, weights=weights, input_height=input_height, input_width=input_width)
+    if not 0 <= seed < 2**63:
+        from netvlad_core.errors import NetVLADError
+
+        raise NetVLADError(f"seed must be an integer between 0 and 2**63 - 1, got {seed}")
+    model_cfg = ModelConfig(backbone=backbone, weights=weights, input_height=input_height, input_width=input_width,
+                            init_seed=seed)
     model_cfg.validate()
     cfg = SampleConfig(num_descriptors=num_descriptors, per_image=per_image, seed=seed, batch_size=batch_size,
                        num_workers=workers)

@@ -14,7 +14,7 @@ def main(
     init_model: Path = typer.Option(..., help="Model file written by `kmeans` (the off-the-shelf, k-means-initialised model)."),
     train_split: Path = typer.Option(..., help="Split folder to mine triplets from (e.g. data/synthetic/train)."),
     val_split: Path = typer.Option(..., help="Split folder for the per-epoch recall@N (e.g. data/synthetic/val)."),
-    out: Path = typer.Option(..., help="Output model file: the best epoch by validation recall@5."),
+    out: Path = typer.Option(..., help="Output model file: the best epoch by validation recall@5, written when training ends (an interrupted run leaves none)."),
     live_dir: Path = typer.Option(Path("metrics/train"), help="DVCLive folder for the training curves."),
     checkpoint_dir: Path = typer.Option(Path("checkpoints/train"), help="Folder of the resume checkpoint (keep it out of DVC outputs); emptied after a successful finish."),
     epochs: int = typer.Option(30, help="Maximum number of epochs."),
@@ -43,13 +43,16 @@ def main(
 ) -> None:
     """Train the place model with triplets mined from the train split (best positive within 10 m in feature space,
     hard negatives beyond 25 m); keep the best epoch by validation recall@5. Rerunning after an interruption
-    resumes from the last checkpoint; a checkpoint made with other parameters is ignored with a notice.
+    resumes from the last checkpoint, curves included; a checkpoint made with other parameters, another initial
+    model or other split contents or image files (size, mtime) is ignored with a notice.
     Under torchrun each process takes a share of every batch (batch-size is the global batch) and rank 0 writes."""
     from netvlad_core.datasets.manifest import load_ground_truth, load_split
     from netvlad_core.distributed import distributed_session
+    from netvlad_core.io import distinct_paths
     from netvlad_core.models import load_model
     from netvlad_core.training import TrainConfig, apply_trainable_blocks, parse_trainable_blocks, train
 
+    distinct_paths({"--init-model": init_model}, {"--out": out})
     cfg = TrainConfig(
         epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay, lr_step=lr_step, lr_gamma=lr_gamma,
         batch_size=batch_size, margin=margin, loss=loss, num_negatives=num_negatives,

@@ -304,3 +304,95 @@ def test_load_model_rejects_foreign_files(tmp_path):
     torch.save(payload, tmp_path / "badcfg.pt")
     with pytest.raises(NetVLADError, match=r"badcfg\.pt: unknown pooling 'sum'"):
         load_model(tmp_path / "badcfg.pt")
+
+
+# ------------------------------------------------------------------------------------------ seeded random init
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _bitwise_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18_layer3", "efficientnet_lite0"])
+def test_random_weights_are_drawn_from_the_config_seed(backbone):
+    cfg = ModelConfig(backbone=backbone, weights="none", num_clusters=4, init_seed=11)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = _state(build_model(cfg))
+    assert torch.equal(torch.get_rng_state(), before), "the global RNG state is left as it was"
+    torch.manual_seed(456)  # another global state: no influence on the model
+    again = _state(build_model(cfg))
+    assert _bitwise_equal(first, again)
+    other = _state(build_model(replace(cfg, init_seed=12)))
+    assert not torch.equal(other["backbone.body.conv_stem.weight" if backbone == "efficientnet_lite0"
+                                 else "backbone.body.conv1.weight"],
+                           first["backbone.body.conv_stem.weight" if backbone == "efficientnet_lite0"
+                                 else "backbone.body.conv1.weight"])
+    assert not torch.equal(other["pool.centroids"], first["pool.centroids"])
+    alone, _, _ = build_backbone(backbone, "none", init_seed=11)
+    assert _bitwise_equal({f"backbone.{k}": v for k, v in alone.state_dict().items()},
+                          {k: v for k, v in first.items() if k.startswith("backbone.")})
+
+
+def test_init_seed_is_saved_and_old_model_files_load(tmp_path):
+    cfg = ModelConfig(backbone="resnet18_layer3", weights="none", num_clusters=4, init_seed=5)
+    model = build_model(cfg)
+    path = save_model(tmp_path / "model.pt", model, cfg)
+    payload = torch.load(path, weights_only=True)
+    assert json.loads(payload["config"])["init_seed"] == 5
+    assert load_model(path)[1].init_seed == 5
+    old = {k: v for k, v in json.loads(payload["config"]).items() if k != "init_seed"}  # a file from before the key
+    torch.save({**payload, "config": json.dumps(old)}, tmp_path / "old.pt")
+    loaded, loaded_cfg = load_model(tmp_path / "old.pt")
+    assert loaded_cfg.init_seed == 0 and _bitwise_equal(_state(loaded), _state(model))
+    with pytest.raises(NetVLADError, match="init_seed.*got -1"):
+        replace(cfg, init_seed=-1).validate()
+
+
+def test_sample_stage_seed_gives_the_same_random_backbone_and_records_it(tmp_path):
+    import h5py
+    from typer.testing import CliRunner
+
+    from netvlad_core.clustering import read_descriptors
+    from stages.cli import app
+    from tests.conftest import make_split
+
+    split_dir = make_split(tmp_path, num_db=6, num_q=1)
+
+    def sample(name: str, seed: int) -> tuple[np.ndarray, dict]:
+        out = tmp_path / f"{name}.h5"
+        result = CliRunner().invoke(app, ["sample", "--split-dir", str(split_dir), "--out", str(out), "--backbone",
+                                          "resnet18_layer3", "--weights", "none", "--input-height", "48",
+                                          "--input-width", "64", "--num-descriptors", "40", "--per-image", "10",
+                                          "--seed", str(seed), "--workers", "0", "--device", "cpu",
+                                          "--no-progress"])
+        assert result.exit_code == 0, result.output
+        with h5py.File(out, "r") as f:
+            assert "image_indices" in f
+        return read_descriptors(out)
+
+    first, config = sample("a", 3)
+    again, _ = sample("b", 3)
+    other, other_config = sample("c", 4)
+    assert config["init_seed"] == 3 and other_config["init_seed"] == 4
+    assert np.array_equal(first, again), "same params, same random backbone, same descriptors"
+    assert not np.array_equal(first, other)
+    # kmeans rebuilds the model from the recorded config (with its own pooling): its backbone must be the one
+    # that made the sample, i.e. every sampled row is one of the rebuilt model's local descriptors of its image
+    from netvlad_core.datasets.images import load_image
+    from netvlad_core.datasets.manifest import load_split
+
+    rebuilt_cfg = ModelConfig.from_dict({**config, "num_clusters": 4})
+    rebuilt = build_model(rebuilt_cfg).eval()
+    with h5py.File(tmp_path / "a.h5", "r") as f:
+        images = f["image_indices"][()]
+    files = load_split(split_dir).db_files()
+    with torch.no_grad():
+        for row, i in zip(first, images):
+            x = load_image(files[i], 48, 64, rebuilt_cfg.mean, rebuilt_cfg.std)[None]
+            local = rebuilt.local_descriptors(x)[0].flatten(1).T.numpy()
+            assert np.abs(local - row).max(axis=1).min() < 1e-5

@@ -34,7 +34,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class RangeHandler(BaseHTTPRequestHandler):
-    """Serves ``server.files`` with ``Range: bytes=N-`` support; per-path quirks from the server's sets."""
+    """Serves ``server.files`` with ``Range: bytes=N-`` and ``If-Range`` support (strong ETag = sha256 of the
+    content; Last-Modified from ``server.modified``, a fixed date by default); per-path quirks from the server's
+    sets."""
 
     def log_message(self, *args) -> None:  # keep test output clean
         pass
@@ -44,9 +46,15 @@ class RangeHandler(BaseHTTPRequestHandler):
         data = srv.files.get(self.path)
         rng = self.headers.get("Range")
         srv.requests.append((self.path, rng))
+        srv.if_ranges.append(self.headers.get("If-Range"))
         if data is None:
             self.send_error(404, "Not Found")
             return
+        etag = f'"{hashlib.sha256(data).hexdigest()[:16]}"'
+        modified = srv.modified.get(self.path, "Mon, 01 Jan 2024 00:00:00 GMT")
+        if_range = self.headers.get("If-Range")
+        if rng and if_range is not None and if_range not in (etag, modified) and self.path not in srv.ignore_if_range:
+            rng = None  # RFC 9110: a validator that does not match means "send the whole (new) file"
         start = 0
         if rng and self.path not in srv.ignore_range:
             start = int(re.fullmatch(r"bytes=(\d+)-", rng).group(1))
@@ -62,6 +70,9 @@ class RangeHandler(BaseHTTPRequestHandler):
             self.send_response(200)
         body = data[start:]
         self.send_header("Content-Length", str(len(body)))
+        if self.path not in srv.no_validators:
+            self.send_header("ETag", etag)
+            self.send_header("Last-Modified", modified)
         self.end_headers()
         if self.path in srv.truncate_once:  # promise everything, send half, hang up
             srv.truncate_once.discard(self.path)
@@ -76,6 +87,7 @@ class RangeHandler(BaseHTTPRequestHandler):
 def server():
     srv = ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
     srv.files, srv.requests, srv.truncate_once, srv.ignore_range = {}, [], set(), set()
+    srv.if_ranges, srv.modified, srv.ignore_if_range, srv.no_validators = [], {}, set(), set()
     srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -90,6 +102,23 @@ PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
 
 def part_of(dest: Path) -> Path:
     return dest.with_name(dest.name + ".part")
+
+
+def record_of(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".part.json")
+
+
+def etag_of(data: bytes) -> str:
+    return f'"{hashlib.sha256(data).hexdigest()[:16]}"'
+
+
+def write_part(dest: Path, data: bytes, url: str, remote: bytes, modified: str = "Mon, 01 Jan 2024 00:00:00 GMT"
+               ) -> None:
+    """A ``.part`` holding ``data`` and its record, as an interrupted download of ``url`` (serving ``remote``)
+    leaves them."""
+    part_of(dest).write_bytes(data)
+    record_of(dest).write_text(json.dumps({"url": url, "etag": etag_of(remote), "last_modified": modified,
+                                           "size": len(remote)}))
 
 
 # ----------------------------------------------------------------------------------------------- fetch
@@ -119,10 +148,93 @@ def test_checksum_mismatch_names_url_and_digests_and_removes_file(server, tmp_pa
 def test_existing_part_is_resumed_with_a_range_request(server, tmp_path):
     server.files["/a.bin"] = PAYLOAD
     dest = tmp_path / "a.tar.gz"
-    part_of(dest).write_bytes(PAYLOAD[:123_456])
+    write_part(dest, PAYLOAD[:123_456], server.url + "/a.bin", PAYLOAD)
     assert fetch(server.url + "/a.bin", dest, sha256=PAYLOAD_SHA, progress=False) == PAYLOAD_SHA
     assert server.requests == [("/a.bin", "bytes=123456-")]
-    assert dest.read_bytes() == PAYLOAD and not part_of(dest).exists()
+    assert server.if_ranges == [etag_of(PAYLOAD)], "resumed only if the remote file is still the same"
+    assert dest.read_bytes() == PAYLOAD and not part_of(dest).exists() and not record_of(dest).exists()
+
+
+def test_part_without_a_record_is_not_resumed(server, tmp_path):
+    server.files["/a.bin"] = PAYLOAD
+    dest = tmp_path / "a.bin"
+    part_of(dest).write_bytes(b"y" * 1000)  # bytes of unknown origin (no record of the URL and remote file)
+    assert fetch(server.url + "/a.bin", dest, progress=False) == PAYLOAD_SHA
+    assert server.requests == [("/a.bin", None)]
+    assert dest.read_bytes() == PAYLOAD
+
+
+def test_interrupted_download_records_url_and_remote_file(server, tmp_path):
+    server.files["/a.bin"] = PAYLOAD
+    server.modified["/a.bin"] = "Tue, 02 Jan 2024 10:00:00 GMT"
+    server.truncate_once.add("/a.bin")
+    dest = tmp_path / "a.bin"
+    with pytest.raises(NetVLADError, match="download interrupted"):
+        fetch(server.url + "/a.bin", dest, progress=False, retries=0)
+    assert json.loads(record_of(dest).read_text()) == {
+        "url": server.url + "/a.bin", "etag": etag_of(PAYLOAD), "last_modified": "Tue, 02 Jan 2024 10:00:00 GMT",
+        "size": len(PAYLOAD)}
+
+
+def test_part_of_another_url_is_not_resumed(server, tmp_path):
+    other = bytes(np.random.default_rng(1).integers(0, 256, size=len(PAYLOAD), dtype=np.uint8))
+    server.files["/a.bin"], server.files["/b.bin"] = PAYLOAD, other
+    server.truncate_once.add("/a.bin")
+    dest = tmp_path / "spec.tar.gz"
+    with pytest.raises(NetVLADError, match="download interrupted"):
+        fetch(server.url + "/a.bin", dest, progress=False, retries=0)
+    assert part_of(dest).stat().st_size == 150_000
+    fetch(server.url + "/b.bin", dest, progress=False)  # same file name, same length, another URL
+    assert dest.read_bytes() == other, "must not splice the first URL's bytes into the second file"
+    assert server.requests[-1] == ("/b.bin", None)
+
+
+@pytest.mark.parametrize("how", ["new content", "new date only"])
+def test_remote_file_changed_since_the_interruption_restarts(server, tmp_path, how):
+    server.files["/a.bin"] = PAYLOAD
+    server.truncate_once.add("/a.bin")
+    dest = tmp_path / "a.bin"
+    with pytest.raises(NetVLADError, match="download interrupted"):
+        fetch(server.url + "/a.bin", dest, progress=False, retries=0)
+    changed = bytes(np.random.default_rng(2).integers(0, 256, size=len(PAYLOAD), dtype=np.uint8))
+    if how == "new content":  # a new ETag (and Last-Modified): If-Range fails, the server sends the new file
+        server.files["/a.bin"] = changed
+        server.modified["/a.bin"] = "Wed, 03 Jan 2024 00:00:00 GMT"
+    else:  # only Last-Modified can tell: the record's ETag is weak, so If-Range carries the date
+        record = json.loads(record_of(dest).read_text())
+        record_of(dest).write_text(json.dumps({**record, "etag": "W/" + record["etag"]}))
+        server.files["/a.bin"] = changed
+        server.modified["/a.bin"] = "Wed, 03 Jan 2024 00:00:00 GMT"
+    assert fetch(server.url + "/a.bin", dest, progress=False) == hashlib.sha256(changed).hexdigest()
+    assert dest.read_bytes() == changed
+    assert server.requests[-1] == ("/a.bin", "bytes=150000-")
+    assert server.if_ranges[-1] == (etag_of(PAYLOAD) if how == "new content" else "Mon, 01 Jan 2024 00:00:00 GMT")
+
+
+def test_range_of_another_remote_file_is_not_spliced_in(server, tmp_path):
+    """A server that ignores If-Range and answers 206 from a changed file: the new ETag gives it away."""
+    server.files["/a.bin"] = PAYLOAD
+    server.truncate_once.add("/a.bin")
+    dest = tmp_path / "a.bin"
+    with pytest.raises(NetVLADError, match="download interrupted"):
+        fetch(server.url + "/a.bin", dest, progress=False, retries=0)
+    changed = bytes(np.random.default_rng(3).integers(0, 256, size=len(PAYLOAD), dtype=np.uint8))
+    server.files["/a.bin"] = changed
+    server.ignore_if_range.add("/a.bin")
+    assert fetch(server.url + "/a.bin", dest, progress=False) == hashlib.sha256(changed).hexdigest()
+    assert server.requests[-2:] == [("/a.bin", "bytes=150000-"), ("/a.bin", None)]
+    assert dest.read_bytes() == changed
+
+
+def test_server_without_validators_restarts_instead_of_resuming(server, tmp_path):
+    server.files["/a.bin"] = PAYLOAD
+    server.no_validators.add("/a.bin")
+    server.truncate_once.add("/a.bin")
+    dest = tmp_path / "a.bin"
+    with pytest.raises(NetVLADError, match="download interrupted"):
+        fetch(server.url + "/a.bin", dest, progress=False, retries=0)
+    assert fetch(server.url + "/a.bin", dest, sha256=PAYLOAD_SHA, progress=False) == PAYLOAD_SHA
+    assert server.requests == [("/a.bin", None), ("/a.bin", None)], "nothing tells whether the file is the same"
 
 
 def test_interrupted_transfer_resumes_on_the_next_run(server, tmp_path):
@@ -149,7 +261,7 @@ def test_server_ignoring_range_restarts_from_zero(server, tmp_path):
     server.files["/a.bin"] = PAYLOAD
     server.ignore_range.add("/a.bin")
     dest = tmp_path / "a.bin"
-    part_of(dest).write_bytes(b"x" * 5000)  # not even the right bytes: a 200 must overwrite them
+    write_part(dest, b"x" * 5000, server.url + "/a.bin", PAYLOAD)  # not even the right bytes: a 200 overwrites
     assert fetch(server.url + "/a.bin", dest, sha256=PAYLOAD_SHA, progress=False) == PAYLOAD_SHA
     assert server.requests == [("/a.bin", "bytes=5000-")]
     assert dest.read_bytes() == PAYLOAD
@@ -158,11 +270,11 @@ def test_server_ignoring_range_restarts_from_zero(server, tmp_path):
 def test_416_complete_part_or_bad_part(server, tmp_path):
     server.files["/a.bin"] = PAYLOAD
     dest = tmp_path / "a.bin"
-    part_of(dest).write_bytes(PAYLOAD)  # complete: the server answers 416 with the same total
+    write_part(dest, PAYLOAD, server.url + "/a.bin", PAYLOAD)  # complete: 416 with the same total
     assert fetch(server.url + "/a.bin", dest, progress=False) == PAYLOAD_SHA
     assert server.requests == [("/a.bin", f"bytes={len(PAYLOAD)}-")]
     dest.unlink()
-    part_of(dest).write_bytes(PAYLOAD + b"junk")  # longer than the file: discarded, downloaded again
+    write_part(dest, PAYLOAD + b"junk", server.url + "/a.bin", PAYLOAD)  # longer than the file: downloaded again
     assert fetch(server.url + "/a.bin", dest, progress=False) == PAYLOAD_SHA
     assert server.requests[-2:] == [("/a.bin", f"bytes={len(PAYLOAD) + 4}-"), ("/a.bin", None)]
 

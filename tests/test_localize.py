@@ -1,5 +1,6 @@
 """`netvlad localize`: top matches equal brute-force nearest neighbours, the position is within 25 m whenever the
-top-1 match is a true positive, `--json` parses, unreadable photos get one error line each and are skipped."""
+top-1 match is a true positive, `--json` parses, unreadable photos get one error line each and are skipped (exit
+status 0 when all were answered, 1 when some were not, 2 when none was)."""
 
 from __future__ import annotations
 
@@ -94,7 +95,7 @@ def test_corrupt_photo_gets_one_error_line_and_the_others_are_answered(world):
     missing = world["tmp"] / "missing.jpg"
     result = _invoke(world, [photos[0], corrupt, photos[1], missing], "--top-k", "2", "--localisation-k", "2",
                      "--weighting", "inverse_distance")
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # answered in part: not a success
     errors = result.stderr.strip().splitlines()
     assert len(errors) == 2
     assert errors[0].startswith(f"error: {corrupt}: cannot decode image (")
@@ -102,6 +103,10 @@ def test_corrupt_photo_gets_one_error_line_and_the_others_are_answered(world):
     out = result.stdout
     assert f"{photos[0]}: position E " in out and f"{photos[1]}: position E " in out
     assert str(corrupt) not in out and out.count("  1. ") == 2 and out.count("  2. ") == 2
+
+    partly = _invoke(world, [missing, photos[2]], "--json")
+    assert partly.exit_code == 1
+    assert [a["image"] for a in json.loads(partly.stdout)] == [str(photos[2])]
 
     only_bad = _invoke(world, [corrupt], "--json")
     assert only_bad.exit_code == 2

@@ -228,7 +228,7 @@ def test_evaluate_matches_brute_force_and_writes_outputs(tmp_path):
     feats = write_features(tmp_path / "feats.h5", db, q, dtype=np.float16)
     out = outputs(tmp_path)
     cfg = EvalConfig(recall_ns=(1, 2, 5), num_examples=4, per_query_top=3, localisation_k=1)
-    metrics = evaluate(feats, split_dir, model_name="fake", cfg=cfg, **out)
+    metrics = evaluate(feats, split_dir, model_name="fake", cfg=cfg, **out).metrics
 
     positives = load_ground_truth(split_dir).positives
     _, order = brute_force(db.astype(np.float16).astype(np.float32), q.astype(np.float16).astype(np.float32))
@@ -267,10 +267,11 @@ def test_evaluate_with_approximate_index_reports_exact_recall(tmp_path):
     db, q = fake_features(split)
     feats = write_features(tmp_path / "feats.h5", db, q)
     out = outputs(tmp_path)
-    exact = evaluate(feats, split_dir, model_name="m", cfg=EvalConfig(recall_ns=(1, 5)), **out)
-    approx = evaluate(feats, split_dir, model_name="m",
+    exact = evaluate(feats, split_dir, model_name="m", cfg=EvalConfig(recall_ns=(1, 5)), **out).metrics
+    result = evaluate(feats, split_dir, model_name="m",
                       cfg=EvalConfig(recall_ns=(1, 5), index_factory="PCA4,Flat", num_examples=0), **out)
-    assert approx["index"] == "PCA4,Flat"
+    approx = result.metrics
+    assert result.settings["index"] == "PCA4,Flat"
     assert approx["exact_recall@1"] == exact["recall@1"] and approx["exact_recall@5"] == exact["recall@5"]
 
 
@@ -280,7 +281,7 @@ def test_evaluate_collapses_panoramas(tmp_path):
     feats = write_features(tmp_path / "feats.h5", db, q)
     out = outputs(tmp_path)
     metrics = evaluate(feats, split_dir, model_name="m", cfg=EvalConfig(recall_ns=(1, 3), collapse_panoramas=True,
-                                                                       per_query_top=5, num_examples=0), **out)
+                                                                       per_query_top=5, num_examples=0), **out).metrics
     per_query = pd.read_csv(out["per_query_csv"])
     panoramas = panorama_ids_from_paths(split.db_paths)
     _, order = brute_force(db, q)
@@ -356,12 +357,17 @@ def test_stage_end_to_end(tmp_path):
             "--plot", str(out / "test_fake_recall.csv"), "--per-query", str(out / "test_fake_per_query.csv"),
             "--retrievals", str(out / "retrievals.png"), "--model-name", "fake",
             "--recall-n", "1", "--recall-n", "5", "--recall-n", "10", "--localisation-k", "2",
-            "--localisation-weighting", "inverse_distance", "--no-collapse-panoramas", "--no-progress"]
+            "--localisation-weighting", "inverse_distance", "--no-collapse-panoramas", "--no-progress",
+            "--settings", str(out / "eval_fake.json")]
     proc = run_stage(*args)
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((out / "test_fake.json").read_text())
     assert set(metrics) >= {"recall@1", "recall@5", "recall@10", "median_error_m", "localised_within_25m"}
-    assert metrics["localisation_k"] == 2 and metrics["localisation_weighting"] == "inverse_distance"
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values()), metrics
+    settings = json.loads((out / "eval_fake.json").read_text())
+    assert settings["localisation_k"] == 2 and settings["localisation_weighting"] == "inverse_distance"
+    assert settings["model"] == "fake" and settings["collapse_panoramas"] is False
+    assert settings["collapse_panoramas_decided_by"] == "option"
     line = proc.stdout.strip().splitlines()[-1]
     assert line.startswith("evaluate fake: R@1 ") and "R@5" in line and "R@10" in line and "median error" in line
     assert len(pd.read_csv(out / "test_fake_recall.csv")) == 3

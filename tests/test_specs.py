@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -118,6 +120,88 @@ def test_mat_without_dbstruct_or_with_too_few_fields(tmp_path):
     garbage.write_bytes(b"not a mat file at all" * 10)
     with pytest.raises(NetVLADError, match="garbage.mat"):
         read_dbstruct(garbage)
+
+
+def with_field(fields: list[tuple[str, object]], name: str, value) -> list[tuple[str, object]]:
+    return [(n, value if n == name else v) for n, v in fields]
+
+
+@pytest.mark.parametrize(
+    "field, value, problem",
+    [
+        ("posDistThr", float("nan"), "must be a finite distance above 0, got nan"),
+        ("posDistThr", float("inf"), "must be a finite distance above 0, got inf"),
+        ("posDistThr", 0.0, "must be a finite distance above 0, got 0.0"),
+        ("posDistThr", -25.0, "must be a finite distance above 0, got -25.0"),
+        ("posDistSqThr", float("nan"), "must be a finite distance above 0, got nan"),
+        ("posDistSqThr", 25.0, r"is 25\.0 but dbStruct\.posDistThr² is 625\.0"),  # the distance, not its square
+        ("posDistSqThr", 625.0 * (1 + 1e-6), r"is 625\.000624\d* but dbStruct\.posDistThr² is 625\.0"),
+        ("nonTrivPosDistSqThr", float("-inf"), "must be a finite distance above 0, got -inf"),
+        ("nonTrivPosDistSqThr", 0.0, "must be a finite distance above 0, got 0.0"),
+        ("nonTrivPosDistSqThr", 900.0, r"is 900\.0 \(training positives within 30 m\), more than"),
+    ],
+)
+def test_bad_thresholds_in_a_dbstruct_are_refused(tmp_path, field, value, problem):
+    path = tmp_path / "pitts30k_test.mat"
+    save_struct(path, with_field(pitts_fields(), field, value))
+    with pytest.raises(NetVLADError, match=rf"^{re.escape(str(path))}: dbStruct\.{field} {problem}") as info:
+        read_dbstruct(path)
+    assert "\n" not in str(info.value)
+
+
+def test_consistent_thresholds_are_accepted(tmp_path):
+    path = tmp_path / "a.mat"
+    save_struct(path, with_field(pitts_fields(), "posDistSqThr", 625.0 * (1 + 1e-12)))  # float rounding
+    assert read_dbstruct(path).pos_dist_sq_thr == pytest.approx(625.0)
+    other = [("posDistThr", 30.0), ("posDistSqThr", 900.0), ("nonTrivPosDistSqThr", 900.0)]  # not the official values
+    fields = pitts_fields()
+    for name, value in other:
+        fields = with_field(fields, name, value)
+    save_struct(path, fields)
+    spec = read_dbstruct(path)
+    assert (spec.pos_dist_thr, spec.pos_dist_sq_thr, spec.non_triv_pos_dist_sq_thr) == (30.0, 900.0, 900.0)
+
+
+def test_download_cli_refuses_a_spec_with_bad_thresholds_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    spec_dir, images = tmp_path / "spec", tmp_path / "images"
+    spec_dir.mkdir()
+    for name in DB_FNS + ["queries_real/" + q for q in Q_FNS]:
+        tiny_jpeg(images / name)
+    save_struct(spec_dir / "pitts30k_test.mat", with_field(pitts_fields(), "posDistSqThr", 600.0))
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    result = CliRunner().invoke(app, ["download", "--dataset", "pitts30k", "--spec", str(spec_dir), "--image-root",
+                                      str(images), "--out", str(tmp_path / "dataset"), "--split", "test"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [
+        f"error: {spec_dir / 'pitts30k_test.mat'}: dbStruct.posDistSqThr is 600.0 but dbStruct.posDistThr² is 625.0 "
+        f"(dbStruct.posDistThr = 25.0)"]
+    assert result.stdout == ""
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_split_json_is_strict_json(tmp_path):
+    from netvlad_core.io import read_json, write_json
+
+    split = Split("fake", "test", tmp_path, ["a.jpg"], np.zeros((1, 2)), ["q.jpg"], np.zeros((1, 2)))
+    split_dir = write_split(split, tmp_path / "split")
+    meta = split_dir / "split.json"
+    text = meta.read_text()
+    for constant in ("NaN", "Infinity", "-Infinity"):
+        meta.write_text(text.replace('"pos_dist_thr": 25.0', f'"pos_dist_thr": {constant}'))
+        assert constant in meta.read_text()
+        with pytest.raises(NetVLADError) as info:
+            load_split(split_dir)
+        assert str(info.value) == f"{meta}: not valid JSON ({constant} is not a JSON number)"
+    with pytest.raises(NetVLADError, match=rf"^{re.escape(str(tmp_path / 'bad.json'))}: cannot write NaN or infinity"):
+        write_json(tmp_path / "bad.json", {"pos_dist_thr": float("nan")})
+    assert not (tmp_path / "bad.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["split"]  # no temporary left either
+    write_json(tmp_path / "good.json", {"x": 4477000.123456789})
+    assert read_json(tmp_path / "good.json") == {"x": 4477000.123456789}
 
 
 def test_dbstruct_to_split_conventions(tmp_path):

@@ -19,7 +19,7 @@ from PIL import Image
 from netvlad_core.datasets.manifest import Split, load_split, write_split
 from netvlad_core.errors import NetVLADError
 from netvlad_core.io import load_state
-from netvlad_core.training import CHECKPOINT_NAME, TrainConfig, parse_trainable_blocks, trim_live_history
+from netvlad_core.training import CHECKPOINT_NAME, TrainConfig, parse_trainable_blocks
 
 REPO = Path(__file__).resolve().parents[1]
 H, W = 48, 64
@@ -126,19 +126,47 @@ def _loss_rows(live: Path) -> list[tuple[str, str]]:
         return [(r["step"], r["loss"]) for r in csv.DictReader(f, delimiter="\t")]
 
 
+def _kill_after_epoch_end(proc: subprocess.Popen, checkpoint: Path, epoch: int, timeout: float = 120.0) -> None:
+    """SIGKILL ``proc`` once its checkpoint says epoch ``epoch`` is done (validated, epoch-end checkpoint written)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, f"finished before it could be killed: {proc.stderr.read()}"
+        assert time.monotonic() < deadline, "no epoch-end checkpoint appeared"
+        if checkpoint.exists():
+            try:
+                if int(load_state(checkpoint)["epoch"]) >= epoch:
+                    break
+            except (NetVLADError, FileNotFoundError):  # replaced or removed while being read
+                pass
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
+
 @pytest.fixture(scope="module")
 def runs(tiny) -> dict:
-    """An uninterrupted run and, side by side, the same run SIGKILLed right after its first checkpoint and rerun."""
+    """An uninterrupted run and, side by side, the same run SIGKILLed right after its first checkpoint and rerun,
+    its DVCLive folder deleted in between (as `dvc repro` does); and the same run SIGKILLed after the first epoch's
+    validation and epoch-end checkpoint, then rerun (live folder deleted too)."""
     root = tiny["root"]
     reference = _start(_args(tiny, "reference"))
     killed = _start(_args(tiny, "killed"))
     checkpoint = root / "killed" / "ckpt" / CHECKPOINT_NAME
     _kill_after_checkpoint(killed, checkpoint)
     shutil.copy(checkpoint, root / "checkpoint_at_kill.pt")
+    shutil.rmtree(root / "killed" / "live")
     resumed_stderr = _finish(_start(_args(tiny, "killed")))
+    late = _start(_args(tiny, "late"))
+    _kill_after_epoch_end(late, root / "late" / "ckpt" / CHECKPOINT_NAME, epoch=1)
+    late_out_at_kill = (root / "late" / "model.pt").exists()
+    late_state = load_state(root / "late" / "ckpt" / CHECKPOINT_NAME)
+    shutil.rmtree(root / "late" / "live")
+    late_stderr = _finish(_start(_args(tiny, "late")))
     _finish(reference)
     return {"reference": root / "reference", "resumed": root / "killed", "resumed_stderr": resumed_stderr,
-            "checkpoint_at_kill": root / "checkpoint_at_kill.pt"}
+            "checkpoint_at_kill": root / "checkpoint_at_kill.pt", "late": root / "late",
+            "late_out_at_kill": late_out_at_kill, "late_state": late_state, "late_stderr": late_stderr}
 
 
 def test_sigkill_then_rerun_gives_bitwise_the_same_model(tiny, runs):
@@ -155,6 +183,36 @@ def test_sigkill_then_rerun_gives_bitwise_the_same_model(tiny, runs):
     rows = _loss_rows(reference / "live")
     assert len(rows) == 8 and _loss_rows(resumed / "live") == rows, "DVCLive history continues without repeats"
     assert not (resumed / "ckpt" / CHECKPOINT_NAME).exists(), "the checkpoint is removed after a successful finish"
+
+
+def _live_files(live: Path) -> dict[str, str]:
+    """Every DVCLive file (relative path → text); the .tsv columns, checked below, hold no timestamps."""
+    files = {p.relative_to(live).as_posix(): p.read_text() for p in sorted(live.rglob("*")) if p.is_file()}
+    for name, text in files.items():
+        if name.endswith(".tsv"):
+            assert "timestamp" not in text.splitlines()[0], name
+    return files
+
+
+def test_resumed_curves_equal_an_uninterrupted_runs_after_the_live_dir_was_deleted(runs):
+    reference = _live_files(runs["reference"] / "live")
+    tsvs = [n for n in reference if n.endswith(".tsv")]
+    assert {"plots/metrics/train/loss.tsv", "plots/metrics/val/recall@5.tsv", "plots/metrics/epoch.tsv"} <= set(tsvs)
+    assert "metrics.json" in reference
+    for run in ("resumed", "late"):
+        resumed = _live_files(runs[run] / "live")
+        assert sorted(resumed) == sorted(reference), run
+        for name in reference:
+            assert resumed[name] == reference[name], f"{run}: {name} differs from the uninterrupted run's"
+
+
+def test_out_is_written_only_when_training_ends(runs):
+    state = runs["late_state"]
+    assert int(state["epoch"]) >= 1 and int(state["best_epoch"]) == 1, "killed after the first (best) epoch"
+    assert state["best_model"] is not None, "the best weights travel with the checkpoint"
+    assert not runs["late_out_at_kill"], "an interrupted run must not leave a final-looking model"
+    assert "resuming from" in runs["late_stderr"]
+    _assert_same_weights(runs["late"] / "model.pt", runs["reference"] / "model.pt")
 
 
 def test_checkpoint_from_other_params_is_not_resumed(tiny, runs, tmp_path):
@@ -186,12 +244,7 @@ def test_checkpoint_from_other_params_is_not_resumed(tiny, runs, tmp_path):
     _assert_same_weights(stale_model, fresh_model)
 
 
-def test_trim_live_history_and_parse_trainable_blocks(tmp_path):
-    tsv = tmp_path / "plots" / "metrics" / "train" / "loss.tsv"
-    tsv.parent.mkdir(parents=True)
-    tsv.write_text("timestamp\tstep\tloss\n1\t0\t0.5\n2\t1\t0.4\n3\t2\t0.3\n")
-    trim_live_history(tmp_path, 2)
-    assert tsv.read_text() == "timestamp\tstep\tloss\n1\t0\t0.5\n2\t1\t0.4\n"
+def test_parse_trainable_blocks_and_config_validation():
     assert parse_trainable_blocks("keep") is None and parse_trainable_blocks("None") is None
     assert parse_trainable_blocks("2") == 2 and parse_trainable_blocks(-1) == -1
     with pytest.raises(NetVLADError):

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +22,8 @@ import numpy as np
 import pandas as pd
 
 from ..errors import NetVLADError
-from ..io import atomic_path, read_json, write_json
+from ..io import atomic_h5, atomic_path, read_json, write_json
+from .specs import check_thresholds
 
 MANIFEST = "manifest.csv"
 SPLIT_JSON = "split.json"
@@ -87,6 +90,42 @@ class GroundTruth:
     train_positives: list[np.ndarray]
 
 
+def split_fingerprint(split: Split, *, files: bool = True) -> str:
+    """sha256 identifying a split's content: what a resumable artifact (a features partial, a train checkpoint)
+    must have been made from to be resumed.
+
+    It covers the dataset and split names, the thresholds, the image root (absolute), and every manifest row in
+    order: role (database rows, then queries), path, UTM easting/northing and timestamp (bit patterns of the
+    float64 values; an unknown timestamp is NaN). With ``files`` (the default) it also covers each image file's
+    size and modification time in nanoseconds (one ``os.stat`` per file, so replacing or rewriting an image
+    changes it; a missing file counts as size and time -1). Contents are not hashed."""
+    def column(values: np.ndarray | None, n: int) -> np.ndarray:
+        v = np.full(n, np.nan) if values is None else np.asarray(values, dtype=np.float64).reshape(n)
+        return np.ascontiguousarray(np.where(np.isnan(v), np.nan, v), dtype=np.float64)  # one NaN bit pattern
+
+    h = hashlib.sha256()
+    root = os.path.abspath(os.fspath(split.image_root))
+    h.update(json.dumps(["split-fingerprint-v1", split.dataset, split.name, float(split.pos_dist_thr),
+                         float(split.non_triv_pos_dist_sq_thr), root, split.num_db, split.num_queries]).encode())
+    for role, paths, utm, stamps in (("database", split.db_paths, split.db_utm, split.db_timestamps),
+                                     ("query", split.q_paths, split.q_utm, split.q_timestamps)):
+        n = len(paths)
+        h.update(f"\0{role}\0{n}\0".encode())
+        h.update(json.dumps(list(paths)).encode())  # unambiguous for any character in a path
+        h.update(np.ascontiguousarray(np.asarray(utm, dtype=np.float64).reshape(n, 2)).tobytes())
+        h.update(column(stamps, n).tobytes())
+        if files:
+            stats = np.empty((n, 2), dtype=np.int64)
+            for i, rel in enumerate(paths):
+                try:
+                    st = os.stat(os.path.join(root, rel))
+                    stats[i] = (st.st_size, st.st_mtime_ns)
+                except OSError:
+                    stats[i] = (-1, -1)
+            h.update(stats.tobytes())
+    return h.hexdigest()
+
+
 def radius_neighbours(db_utm: np.ndarray, q_utm: np.ndarray, radius: float) -> list[np.ndarray]:
     """For each query, the database indices within ``radius`` metres, nearest first (KD-tree)."""
     from scipy.spatial import cKDTree
@@ -130,8 +169,6 @@ def _relative_root(image_root: Path, split_dir: Path) -> str:
 
 def write_split(split: Split, split_dir: str | Path) -> Path:
     """Write manifest, split.json and ground truth into ``split_dir`` atomically (all or nothing)."""
-    import h5py
-
     split_dir = Path(split_dir)
     gt = compute_ground_truth(split)
     with atomic_path(split_dir, is_dir=True) as tmp:
@@ -149,7 +186,7 @@ def write_split(split: Split, split_dir: str | Path) -> Path:
                 **({"extra": split.extra} if split.extra else {}),
             },
         )
-        with h5py.File(tmp / GROUND_TRUTH, "w") as h5:
+        with atomic_h5(tmp / GROUND_TRUTH) as h5:
             for name, lists in (("positives", gt.positives), ("train_positives", gt.train_positives)):
                 indptr, indices = _to_csr(lists)
                 g = h5.create_group(name)
@@ -188,6 +225,9 @@ def load_split(split_dir: str | Path) -> Split:
         v = frame["timestamp"].to_numpy(dtype=np.float64)
         return None if np.isnan(v).all() else v
 
+    check_thresholds(split_dir / SPLIT_JSON, pos_dist_thr=meta.get("pos_dist_thr"),
+                     non_triv_pos_dist_sq_thr=meta.get("non_triv_pos_dist_sq_thr"),
+                     names=("pos_dist_thr", "pos_dist_sq_thr", "non_triv_pos_dist_sq_thr"))
     return Split(
         dataset=meta["dataset"],
         name=meta["split"],

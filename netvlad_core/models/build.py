@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -15,7 +16,7 @@ from torch import nn
 
 from ..errors import NetVLADError
 from ..io import load_state, save_state
-from .backbones import build_backbone, first_mismatch, parse_backbone_name
+from .backbones import build_backbone, first_mismatch, parse_backbone_name, seeded_init
 from .netvlad import NetVLAD
 from .pooling import POOLINGS, build_pooling
 
@@ -29,7 +30,9 @@ class ModelConfig:
 
     ``trainable_blocks=None`` means the backbone's default (vgg16: conv5_1..conv5_3; see ``backbones``).
     ``mean``/``std`` are the input normalisation the data loader applies; ``whiten_dim`` is the output size of the
-    PCA-whitening layer (``None``: no whitening, the output is the pooling's).
+    PCA-whitening layer (``None``: no whitening, the output is the pooling's). ``init_seed`` seeds the random
+    initialisation when ``weights`` is ``none`` (the backbone and the pooling layer), so the same config gives the
+    same model; model files without it load with the default 0.
     """
 
     backbone: str = "efficientnet_lite0"
@@ -45,6 +48,7 @@ class ModelConfig:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     whiten_dim: int | None = None
+    init_seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict (tuples become lists)."""
@@ -100,6 +104,15 @@ class ModelConfig:
             raise NetVLADError(f"std values must be > 0, got {self.std!r}")
         if self.whiten_dim is not None and (not _is_int(self.whiten_dim) or self.whiten_dim < 1):
             raise NetVLADError(f"whiten_dim must be None or an integer >= 1, got {self.whiten_dim!r}")
+        if not _is_int(self.init_seed) or not 0 <= self.init_seed < 2**63:
+            raise NetVLADError(f"init_seed must be an integer between 0 and 2**63 - 1, got {self.init_seed!r}")
+
+
+def _derived_seed(seed: int, what: str) -> int:
+    """A seed for one part of the model, drawn from ``(seed, what)`` (independent of the backbone's stream)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(seed), *what.encode()]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def _is_int(value: Any) -> bool:
@@ -167,15 +180,21 @@ class PlaceModel(nn.Module):
 def build_model(cfg: ModelConfig, *, load_weights: bool = True, allow_download: bool = True) -> PlaceModel:
     """Build the model ``cfg`` describes; backbone weights per ``cfg.weights`` unless ``load_weights`` is False.
 
-    The NetVLAD layer starts random (initialise it with ``model.pool.init_params(centroids, descriptors)``). With
-    ``cfg.whiten_dim`` set, the whitening layer is created with zero weights, to be filled by ``load_model``'s
+    The NetVLAD layer starts random (initialise it with ``model.pool.init_params(centroids, descriptors)``). When
+    the backbone is randomly initialised (``weights="none"``, or ``load_weights=False``), backbone and pooling are
+    drawn from ``cfg.init_seed`` (two builds of one config are bitwise equal) and the global RNG state is left
+    untouched. With ``cfg.whiten_dim`` set, the whitening layer is created with zero weights, to be filled by ``load_model``'s
     state dict or :meth:`PlaceModel.set_whitening`.
     """
     cfg.validate()
-    backbone, channels, stride = build_backbone(cfg.backbone, cfg.weights if load_weights else "none",
-                                                cfg.trainable_blocks, allow_download=allow_download)
-    pool = build_pooling(cfg.pooling, channels, cfg.num_clusters, cfg.vladv2, gem_p=cfg.gem_p,
-                         gem_learnable=cfg.gem_learnable)
+    weights = cfg.weights if load_weights else "none"
+    backbone, channels, stride = build_backbone(cfg.backbone, weights, cfg.trainable_blocks,
+                                                allow_download=allow_download, init_seed=cfg.init_seed)
+    # With random backbone weights the pooling layer's start is seeded too (a seed of its own, derived from
+    # init_seed), so the whole model is a function of the config; otherwise it draws from the global RNG as before.
+    with seeded_init(_derived_seed(cfg.init_seed, "pool")) if weights == "none" else contextlib.nullcontext():
+        pool = build_pooling(cfg.pooling, channels, cfg.num_clusters, cfg.vladv2, gem_p=cfg.gem_p,
+                             gem_learnable=cfg.gem_learnable)
     model = PlaceModel(backbone, pool, channels, stride)
     if cfg.whiten_dim is not None:
         if cfg.whiten_dim > pool.out_dim:
