@@ -8,7 +8,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 # dvc.yaml calls the `netvlad` console script: put the venv first on PATH for every recipe.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install demo test bench clean-venv dvc-scm
+.PHONY: install demo test test-fast lint bench clean-venv dvc-scm
 
 install: $(STAMP)
 
@@ -25,8 +25,15 @@ dvc-scm:
 demo: install dvc-scm
 	$(BIN)/dvc repro
 
-test: install
+# `make test` is what CI runs: the linter, then every test; `make test-fast` skips the slow end-to-end tests.
+test: install lint
 	$(BIN)/python -m pytest
+
+test-fast: install lint
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: install
+	$(BIN)/ruff check netvlad_core stages tests bench
 
 bench: install
 	$(BIN)/python -m bench

@@ -98,7 +98,7 @@ def run(images: int = 160, queries: int = 32, batch_size: int = 16, workers: int
     with tempfile.TemporaryDirectory(prefix="bench_dist_") as tmp:
         root = Path(tmp)
         split = _make_split(root, images, queries, width, height)
-        cfg = ModelConfig(input_height=height, input_width=width)  # the demo's efficientnet_lite0 + NetVLAD K=64
+        cfg = ModelConfig(backbone="efficientnet_lite0", input_height=height, input_width=width)  # the demo's, K=64
         torch.manual_seed(0)
         save_model(root / "model.pt", build_model(cfg), cfg)
         runs = {"1 process": (1, None), "2 processes": (2, None), "1 process, 1 thread": (1, 1)}

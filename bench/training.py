@@ -61,7 +61,7 @@ def run(num_db: int, num_queries: int, steps: int, device_name: str, reps: int, 
     from netvlad_core.training import TrainConfig, TripletBatches, _train_step, allocate_cache, cache_dtype, encode_into
 
     device = select_device(device_name)
-    model_cfg = ModelConfig()  # the demo's: efficientnet_lite0, NetVLAD K=64, 320×240
+    model_cfg = ModelConfig(backbone="efficientnet_lite0", input_height=240, input_width=320)  # the demo's, K=64
     cfg = TrainConfig(encode_batch_size=16, workers=workers)
     with tempfile.TemporaryDirectory() as tmp:
         split_dir = _make_split(Path(tmp), num_db, num_queries, model_cfg.input_width, model_cfg.input_height)
@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device {r['device']}, split {r['num_db']} db + {r['num_queries']} queries at 320x240, "
           f"EfficientNet-Lite0 + NetVLAD ({r['dim']}-D)")
     print(f"plain extraction pass      {r['plain_s']:8.2f} s   ({r['plain_img_s']:.1f} img/s)")
-    print(f"cache refresh (encode+mine) {r['refresh_s']:7.2f} s   ratio to plain pass {r['refresh_s'] / r['plain_s']:.2f}x "
+    print(f"cache refresh (encode+mine) {r['refresh_s']:7.2f} s   "
+          f"ratio to plain pass {r['refresh_s'] / r['plain_s']:.2f}x "
           f"(mining {r['mine_s'] * 1000:.0f} ms = {100 * r['mine_s'] / r['refresh_s']:.1f}% of it)")
     print(f"training                   {r['train_q_s']:8.2f} queries/s ({r['step_s']:.2f} s per step of "
           f"{r['images_per_step']} images; decoding them {r['decode_step_s']:.2f} s, overlapped by loader workers)")

@@ -8,10 +8,12 @@ import os
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
+from .config import option
 from .datasets.manifest import Split
 from .device import autocast, prepare_model, to_device
 from .distributed import DistContext, barrier, gather_batch, num_rounds, pad_rounds, shard_indices
@@ -21,11 +23,14 @@ from .io import atomic_h5, atomic_path
 
 @dataclass
 class SampleConfig:
-    num_descriptors: int = 50_000
-    per_image: int = 100
-    seed: int = 0
-    batch_size: int = 16
-    num_workers: int = 2
+    """Which local descriptors ``sample`` draws for k-means."""
+
+    num_descriptors: int = option(50_000, "Total number of local descriptors to sample.")
+    per_image: int = option(100, "Descriptors sampled per image (at most the feature-map locations).")
+    seed: int = option(0, "Seed for choosing images and locations, and of the backbone's random initialisation "
+                       "with weights none (recorded in the model config as init_seed).")
+    batch_size: int = option(16, "Images per forward pass.")
+    num_workers: int = option(2, "DataLoader worker processes for decoding images.", name="workers")
 
     def validate(self) -> None:
         if self.num_descriptors < 1:
@@ -36,13 +41,20 @@ class SampleConfig:
             raise NetVLADError(f"batch-size must be >= 1, got {self.batch_size}")
         if self.num_workers < 0:
             raise NetVLADError(f"workers must be >= 0, got {self.num_workers}")
+        if not 0 <= self.seed < 2**63:
+            raise NetVLADError(f"seed must be an integer between 0 and 2**63 - 1, got {self.seed}")
 
 
 @dataclass
 class KMeansConfig:
-    num_clusters: int = 64
-    iterations: int = 100
-    seed: int = 0
+    """How ``kmeans`` clusters the sample (K itself is the model's ``num_clusters``)."""
+
+    iterations: int = option(100, "k-means iterations.")
+    seed: int = option(0, "k-means seed.")
+
+    def validate(self) -> None:
+        if self.iterations < 1:
+            raise NetVLADError(f"iterations must be >= 1, got {self.iterations}")
 
 
 def choose_images(num_db: int, num_images: int, seed: int) -> np.ndarray:
@@ -182,19 +194,19 @@ def read_descriptors(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
     return descriptors, model_config
 
 
-def kmeans(descriptors: np.ndarray, cfg: KMeansConfig, *, progress: bool = True) -> np.ndarray:
-    """faiss k-means on every sample (``max_points_per_centroid`` raised): (K, D) float32 centroids."""
+def kmeans(descriptors: np.ndarray, num_clusters: int, cfg: KMeansConfig, *, progress: bool = True) -> np.ndarray:
+    """faiss k-means into ``num_clusters`` on every sample (``max_points_per_centroid`` raised): (K, D) float32
+    centroids."""
     import faiss
 
     n, d = descriptors.shape
-    if cfg.num_clusters < 2:
-        raise NetVLADError(f"num-clusters must be >= 2, got {cfg.num_clusters}")
-    if cfg.num_clusters > n:
-        raise NetVLADError(f"num-clusters {cfg.num_clusters} exceeds the {n} sampled descriptors")
-    if cfg.iterations < 1:
-        raise NetVLADError(f"iterations must be >= 1, got {cfg.iterations}")
-    km = faiss.Kmeans(d, cfg.num_clusters, niter=cfg.iterations, seed=cfg.seed, verbose=progress,
-                      max_points_per_centroid=math.ceil(n / cfg.num_clusters) + 1, spherical=False)
+    if num_clusters < 2:
+        raise NetVLADError(f"num-clusters must be >= 2, got {num_clusters}")
+    if num_clusters > n:
+        raise NetVLADError(f"num-clusters {num_clusters} exceeds the {n} sampled descriptors")
+    cfg.validate()
+    km = faiss.Kmeans(d, num_clusters, niter=cfg.iterations, seed=cfg.seed, verbose=progress,
+                      max_points_per_centroid=math.ceil(n / num_clusters) + 1, spherical=False)
     km.train(np.ascontiguousarray(descriptors, dtype=np.float32))
     return km.centroids.astype(np.float32)
 
@@ -209,29 +221,32 @@ def write_centroids(path: str | os.PathLike, centroids: np.ndarray, *, model_con
 
 
 def initial_model(descriptors_h5: str | os.PathLike, *, centroids_out: str | os.PathLike,
-                  model_out: str | os.PathLike, pooling: dict, cfg: KMeansConfig, progress: bool = True
-                  ) -> tuple[np.ndarray, Path]:
-    """The off-the-shelf model: the sampled backbone with the pooling ``pooling`` (``ModelConfig`` fields such as
-    ``pooling``, ``num_clusters``, ``vladv2``), its NetVLAD layer initialised by k-means on the descriptor sample.
+                  model_out: str | os.PathLike, head, cfg: KMeansConfig, progress: bool = True,
+                  log: Callable[[str], None] | None = None) -> tuple[np.ndarray, Path]:
+    """The ``kmeans`` stage, the off-the-shelf model: the sampled backbone (the sample's recorded model config) with
+    the pooling layer of ``head`` (a ``ModelConfig`` whose ``HEAD_FIELDS`` — pooling, K, vladv2 — are used), its
+    NetVLAD layer initialised by k-means on the descriptor sample.
 
     Writes the centroids (HDF5) and the model file together: both or neither (a failure while writing the second,
-    a full disk say, leaves neither). Returns ``(centroids, model_out)``.
+    a full disk say, leaves neither). Returns ``(centroids, model_out)``; logs one summary line.
     """
     import contextlib
 
     from .io import distinct_paths
     from .models import ModelConfig, build_model, save_model
+    from .models.build import HEAD_FIELDS
 
     centroids_out, model_out = Path(centroids_out), Path(model_out)
     distinct_paths({"--descriptors": descriptors_h5}, {"--centroids-out": centroids_out, "--model-out": model_out})
+    cfg.validate()
     desc, model_dict = read_descriptors(descriptors_h5)
-    model_cfg = ModelConfig.from_dict({**model_dict, **pooling})
-    if model_cfg.pooling == "netvlad" and not 2 <= cfg.num_clusters <= len(desc):
+    model_cfg = ModelConfig.from_dict({**model_dict, **{k: getattr(head, k) for k in HEAD_FIELDS}})
+    if model_cfg.pooling == "netvlad" and not 2 <= model_cfg.num_clusters <= len(desc):
         raise NetVLADError(f"num-clusters must be between 2 and the {len(desc)} sampled descriptors, got "
-                           f"{cfg.num_clusters}")
+                           f"{model_cfg.num_clusters}")
     model = build_model(model_cfg)
     if model_cfg.pooling == "netvlad":
-        centroids = kmeans(desc, cfg, progress=progress)
+        centroids = kmeans(desc, model_cfg.num_clusters, cfg, progress=progress)
         model.pool.init_params(centroids, desc)
     else:
         centroids = desc[:0]
@@ -240,4 +255,33 @@ def initial_model(descriptors_h5: str | os.PathLike, *, centroids_out: str | os.
         tmp_model = stack.enter_context(atomic_path(model_out))
         write_centroids(tmp_centroids, centroids, model_config=model_cfg.to_dict(), cfg=cfg)
         save_model(tmp_model, model, model_cfg)
+    if log is not None:
+        log(f"kmeans: {centroids.shape[0]} centroids -> {centroids_out}; model -> {model_out}")
     return centroids, model_out
+
+
+def write_descriptor_sample(split_dir: str | os.PathLike, out_h5: str | os.PathLike, *, trunk, cfg: SampleConfig,
+                            run, log: Callable[[str], None] = print) -> Path:
+    """The ``sample`` stage: build the backbone ``trunk`` describes (a ``ModelConfig``; its random initialisation,
+    with weights none, drawn from ``cfg.seed``), sample local descriptors from the split in ``split_dir``
+    (:func:`sample_descriptors`; under torchrun sharded) into ``out_h5``; logs one summary line."""
+    from dataclasses import replace
+
+    from .datasets.manifest import load_split
+    from .distributed import broadcast_module, distributed_session, local_main_first
+    from .models import build_model
+
+    cfg.validate()
+    model_cfg = replace(trunk, init_seed=cfg.seed)
+    model_cfg.validate()
+    split = load_split(split_dir)
+    with distributed_session(run.device, run.dist_timeout) as dist:
+        with local_main_first(dist):  # one process per node fills the weights cache, the others then read it
+            model = build_model(model_cfg)
+        broadcast_module(model, dist)  # the same weights on every rank (weights none: random initialisation)
+        sample_descriptors(model, model_cfg.to_dict(), split, out_h5, device=dist.device, cfg=cfg,
+                           progress=run.progress, dist=dist)
+        if dist.is_main:
+            log(f"sample: {out_h5} ({cfg.num_descriptors} descriptors requested from {split.name}, backbone "
+                f"{model_cfg.backbone})")
+    return Path(out_h5)

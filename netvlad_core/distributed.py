@@ -28,11 +28,11 @@ from typing import Any, Callable, Iterator, TypeVar
 import numpy as np
 import torch
 
+from .config import DEFAULT_TIMEOUT_S  # noqa: F401  (re-exported: the default lives in config)
 from .errors import NetVLADError
 
 T = TypeVar("T")
 
-DEFAULT_TIMEOUT_S = 600.0
 # Substrings of the messages gloo/NCCL/c10d put on a failed collective (used to tell them from other RuntimeErrors).
 _COMMS_MARKERS = ("gloo", "nccl", "connection", "timed out", "timeout", "watchdog", "c10d", "socket", "peer",
                   "process group", "processgroup")

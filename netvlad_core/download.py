@@ -228,7 +228,8 @@ def fetch(
     Last-Modified and total length agree with the record is appended; a ``200`` (the remote file changed, or
     the server ignores ranges) restarts from byte 0; a 206 of another file (a server ignoring If-Range) is
     discarded and restarted; a ``416`` means the part is already complete (when its size equals the advertised
-    and recorded total) or bad (it is discarded and the download restarts). A transfer that breaks off is resumed up to ``retries``
+    and recorded total) or bad (it is discarded and the download restarts). A transfer that breaks off is resumed up
+    to ``retries``
     times within this call; after that the ``.part`` stays for the next call and a one-line
     :class:`NetVLADError` says so. When ``sha256`` is given and does not match, the downloaded file is removed
     and a :class:`NetVLADError` names the URL, the expected and the actual digest. ``dest`` appears only once
@@ -449,7 +450,8 @@ def resolve_spec_source(
     if scheme == "file":
         path = Path(url2pathname(unquote(parsed.path)))
     elif len(scheme) > 1:  # a one-letter "scheme" is a Windows drive
-        raise NetVLADError(f"{text}: unsupported URL scheme {parsed.scheme!r} (use http, https or file, or a local path)")
+        raise NetVLADError(f"{text}: unsupported URL scheme {parsed.scheme!r} (use http, https or file, or a local "
+                           f"path)")
     else:
         path = Path(text)
 

@@ -41,6 +41,7 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
+from .config import option
 from .datasets.manifest import Split, load_ground_truth, load_split
 from .errors import NetVLADError, NetVLADWarning
 from .io import atomic_path, distinct_paths
@@ -48,9 +49,9 @@ from .retrieval import (
     WEIGHTINGS,
     collapse_panoramas,
     correct_matrix,
+    estimate_positions,
     first_correct_rank,
     localisation_errors,
-    localise,
     panorama_ids_from_paths,
     recall_at_n,
     search,
@@ -63,19 +64,23 @@ NUM_SHOWN_MATCHES = 5  # matches per example query in retrievals.png
 class EvalConfig:
     """How to evaluate; the names match the ``evaluate`` section of params.yaml."""
 
-    recall_ns: tuple[int, ...] = (1, 5, 10, 20, 50, 100)
-    localisation_k: int = 1
-    localisation_weighting: str = "uniform"
-    localisation_temperature: float = 0.1
-    index_factory: str | None = None
-    index_params: str | None = None
-    #: None: as the split says (collapse when its split.json records ``extra.views_per_panorama``); True/False: always
-    #: / never, whatever the split says.
-    collapse_panoramas: bool | None = None
-    batch_size: int = 1024
-    num_examples: int = 8
-    per_query_top: int = 20
-    train_seed: int = 0
+    recall_ns: tuple[int, ...] = option((1, 5, 10, 20, 50, 100), "N of recall@N; repeat the option for several. An N "
+                                        "above the database size (after collapsing: the number of panoramas) is "
+                                        "lowered to it, with a warning.", name="recall-n")
+    localisation_k: int = option(1, "Top matches averaged into the position estimate.")
+    localisation_weighting: str = option("uniform", "Weights of those matches: uniform, inverse_distance or softmax.")
+    localisation_temperature: float = option(0.1, "Temperature of the softmax weighting (squared descriptor "
+                                             "distance).")
+    index_factory: str | None = option(None, "faiss index factory string for approximate search (e.g. "
+                                       "'IVF1024,PQ64'); unset: exact search.")
+    index_params: str | None = option(None, "faiss parameters for that index (e.g. 'nprobe=16').")
+    collapse_panoramas: bool | None = option(None, "Count each database panorama once per ranking (Tokyo 24/7 "
+                                             "protocol): auto (unset) does when the split records "
+                                             "views_per_panorama (tokyo247: 12); yes or no decide regardless.")
+    batch_size: int = option(1024, "Queries per search batch (bounds memory).")
+    num_examples: int = option(8, "Example queries drawn in the retrievals PNG.")
+    per_query_top: int = option(20, "Matches listed per query in the per-query CSV.")
+    train_seed: int = option(0, "Seed of the approximate index's k-means training.", name="seed")
 
     def validate(self) -> None:
         """Raise :class:`NetVLADError` for values that cannot work."""
@@ -367,6 +372,17 @@ class EvalResult:
     metrics: dict
     settings: dict
 
+    def summary(self, model_name: str, metrics_json: str | Path) -> str:
+        """One line: recall@1/5/10, the median error, the counts, the panorama collapsing and the metrics file."""
+        numbers, used = self.metrics, self.settings
+        shown = " ".join(f"R@{n} {100 * numbers[f'recall@{n}']:.1f}" for n in (1, 5, 10) if f"recall@{n}" in numbers)
+        median = numbers["median_error_m"]
+        median_text = "n/a" if median is None else f"{median:.1f} m"
+        panoramas = (f", {used['num_panoramas']} panoramas (collapsed, from the "
+                     f"{used['collapse_panoramas_decided_by']})" if used["collapse_panoramas"] else "")
+        return (f"evaluate {model_name}: {shown}, median error {median_text} ({numbers['num_queries']} queries, "
+                f"{numbers['num_db']} db{panoramas}) -> {metrics_json}")
+
 
 def evaluate(
     features_h5: str | Path,
@@ -439,7 +455,7 @@ def evaluate(
 
     recalls = recall_at_n(indices, positives, ns)
     ranks = first_correct_rank(indices, positives)
-    estimates = localise(indices, distances, split.db_utm, cfg.localisation_k, cfg.localisation_weighting,
+    estimates = estimate_positions(indices, distances, split.db_utm, cfg.localisation_k, cfg.localisation_weighting,
                          temperature=cfg.localisation_temperature)
     errors_m = localisation_errors(estimates, split.q_utm)
     errors_or_inf = np.where(np.isnan(errors_m), np.inf, errors_m)

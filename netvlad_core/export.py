@@ -18,12 +18,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import option
 from .errors import NetVLADError
 from .io import atomic_path
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "descriptors"
 CONFIG_METADATA_KEY = "netvlad_model_config"
+
+
+@dataclass
+class ExportConfig:
+    """How ``export`` writes a model."""
+
+    export_format: str = option("onnx", "Export format (only onnx).", name="format")
+    opset: int = option(17, "ONNX opset version.")
+    tolerance: float = option(1e-4, "Largest allowed |ONNX - PyTorch| on a random input; above it nothing is "
+                              "written.")
+
+    def validate(self) -> None:
+        if self.export_format.lower() != "onnx":
+            raise NetVLADError(f"unknown export format {self.export_format!r}; valid: onnx")
 
 
 @dataclass
@@ -95,3 +110,19 @@ def export_onnx(model: torch.nn.Module, model_config: dict, out: str | os.PathLi
         tmp.write_bytes(data)
     return ExportReport(path=out, opset=opset, out_dim=int(expected.shape[1]), max_abs_diff=max_abs_diff,
                         check_batch=check_batch)
+
+
+def export_model_file(model_file: str | os.PathLike, out: str | os.PathLike, *, cfg: ExportConfig,
+                      log=print) -> ExportReport:
+    """The ``export`` command: the model in ``model_file`` as ONNX in ``out`` (:func:`export_onnx`, checked against
+    PyTorch with onnxruntime); logs one summary line."""
+    from .io import distinct_paths
+    from .models import load_model
+
+    distinct_paths({"--model": model_file}, {"--out": out})
+    cfg.validate()
+    net, model_cfg = load_model(model_file)
+    report = export_onnx(net, model_cfg.to_dict(), out, opset=cfg.opset, tolerance=cfg.tolerance)
+    log(f"export: {model_cfg.input_width}x{model_cfg.input_height} images -> {report.out_dim}-D descriptors, "
+        f"opset {report.opset}, max |onnxruntime - pytorch| = {report.max_abs_diff:.2e} -> {report.path}")
+    return report

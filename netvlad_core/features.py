@@ -26,12 +26,13 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Subset
 
+from .config import RunConfig, option
 from .datasets.images import ImageFiles
 from .datasets.manifest import Split
 from .device import autocast, prepare_model, to_device
@@ -42,11 +43,13 @@ from .io import disk_full_error, ensure_free_space, is_disk_full, reserve_space
 
 @dataclass
 class FeatureConfig:
-    batch_size: int = 16
-    num_workers: int = 2
-    float16: bool = False
-    amp: str = "bf16"  # autocast dtype on GPU: bf16, fp16 or fp32
-    flush_every: int = 20  # batches between progress commits of a resumable run
+    """How images are encoded into global descriptors (``features``, and the encoding passes of ``pca``)."""
+
+    batch_size: int = option(16, "Images per forward pass.")
+    num_workers: int = option(2, "DataLoader worker processes for decoding images.", name="workers")
+    float16: bool = option(False, "Store descriptors as float16 (half the disk) instead of float32.")
+    amp: str = option("bf16", "Autocast dtype on GPU: bf16, fp16 or fp32 (ignored on CPU).")
+    flush_every: int = option(20, "Batches between progress commits of a resumable run.", cli=False)
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -247,7 +250,8 @@ def extract_split_features(model, model_config: dict, split: Split, out_h5: str 
                     for b, (idx, desc) in enumerate(rounds):
                         lo = int(idx[0])  # a batch (or a round) is a contiguous run of original indices
                         if not np.isfinite(desc).all():  # every rank sees the round: all raise the same error
-                            bad = lo + int(np.flatnonzero(~np.isfinite(desc).all(axis=1))[0]) if dist is not None else lo
+                            first_bad = int(np.flatnonzero(~np.isfinite(desc).all(axis=1))[0])
+                            bad = lo + first_bad if dist is not None else lo
                             raise NetVLADError(f"{files[bad]}: the model produced NaN/inf descriptors for this batch")
                         if dset is not None:
                             dset[lo:lo + len(idx)] = desc.astype(dtype)
@@ -283,6 +287,28 @@ def extract_split_features(model, model_config: dict, split: Split, out_h5: str 
     if dist is not None:
         barrier(dist, "waiting for rank 0 to finish the features file")
     return out_h5
+
+
+def write_split_features(model_file: str | os.PathLike, split_dir: str | os.PathLike, out_h5: str | os.PathLike, *,
+                         cfg: FeatureConfig, run: RunConfig, log: Callable[[str], None] = print) -> Path:
+    """The ``features`` stage: encode the split in ``split_dir`` with the model in ``model_file`` into ``out_h5``
+    (:func:`extract_split_features`; under torchrun sharded over the processes) and log one summary line."""
+    from .datasets.manifest import load_split
+    from .distributed import distributed_session
+    from .io import distinct_paths
+    from .models import load_model
+
+    distinct_paths({"--model": model_file}, {"--out": out_h5})
+    cfg.validate()
+    split = load_split(split_dir)
+    net, model_cfg = load_model(model_file)
+    with distributed_session(run.device, run.dist_timeout) as dist:
+        extract_split_features(net, model_cfg.to_dict(), split, out_h5, device=dist.device, cfg=cfg,
+                               progress=run.progress, dist=dist)
+        if dist.is_main:
+            log(f"features: {split.num_db} database + {split.num_queries} query descriptors -> {out_h5}"
+                + (f" ({dist.world_size} processes)" if dist.enabled else ""))
+    return Path(out_h5)
 
 
 def read_features(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict]:

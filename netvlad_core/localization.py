@@ -3,7 +3,7 @@
 The database is a features file written by the ``features`` stage for a split folder (``manifest.load_split``);
 it must have been made by the same model (its ``model_fingerprint`` attribute, or at least its dimension, is
 checked) and have one row per database image of the split. The position estimate is
-:func:`netvlad_core.retrieval.localise` over the top matches (UTM metres).
+:func:`netvlad_core.retrieval.estimate_positions` over the top matches (UTM metres).
 
 A photo that cannot be read is reported as an :class:`ImageFailure` and skipped; the others are answered.
 """
@@ -20,11 +20,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .config import option
 from .datasets.images import load_image
 from .datasets.manifest import Split, load_split
 from .device import prepare_model
 from .errors import NetVLADError, NetVLADWarning
-from .retrieval import WEIGHTINGS, localise, search
+from .retrieval import WEIGHTINGS, estimate_positions, search
 
 
 @dataclass
@@ -33,11 +34,11 @@ class LocalizeConfig:
     ``weighting`` (``uniform``, ``inverse_distance`` or ``softmax`` at ``temperature``), ``batch_size`` photos
     per forward pass."""
 
-    top_k: int = 5
-    localisation_k: int = 1
-    weighting: str = "uniform"
-    temperature: float = 0.1
-    batch_size: int = 16
+    top_k: int = option(5, "Database matches listed per photo.")
+    localisation_k: int = option(1, "Top matches averaged into the position estimate.")
+    weighting: str = option("uniform", "Weights of those matches: uniform, inverse_distance or softmax.")
+    temperature: float = option(0.1, "Temperature of the softmax weighting (squared descriptor distance).")
+    batch_size: int = option(16, "Photos per forward pass.")
 
     def validate(self) -> None:
         """Raise :class:`NetVLADError` for values that cannot work."""
@@ -143,7 +144,7 @@ def localize(model: torch.nn.Module, model_config: dict, images: Sequence[str | 
     cfg = cfg or LocalizeConfig()
     cfg.validate()
     if not images:
-        raise NetVLADError("no images given to localise")
+        raise NetVLADError("no images given to localize")
     split = load_split(split_dir)
     if split.num_db == 0:
         raise NetVLADError(f"{split_dir}: split has no database images")
@@ -165,8 +166,8 @@ def localize(model: torch.nn.Module, model_config: dict, images: Sequence[str | 
 
     k = max(cfg.top_k, cfg.localisation_k)
     distances, indices = search(db, queries, k)
-    estimates = localise(indices, distances, split.db_utm, min(cfg.localisation_k, indices.shape[1]), cfg.weighting,
-                         temperature=cfg.temperature)
+    estimates = estimate_positions(indices, distances, split.db_utm, min(cfg.localisation_k, indices.shape[1]),
+                                   cfg.weighting, temperature=cfg.temperature)
     results = []
     for row, (i, _) in enumerate(good):
         matches = [
@@ -191,3 +192,22 @@ def format_localization(result: Localization) -> str:
 def results_json(results: Sequence[Localization]) -> str:
     """One strict JSON document: a list with one object per answered photo, numbers at full precision (``repr``)."""
     return json.dumps([r.to_dict() for r in results], indent=2, allow_nan=False)
+
+
+def localize_files(model_file: str | os.PathLike, images: Sequence[str | os.PathLike], database_h5: str | os.PathLike,
+                   split_dir: str | os.PathLike, *, cfg: LocalizeConfig, device: str = "auto", as_json: bool = False
+                   ) -> tuple[str, list[str], int]:
+    """The ``localize`` command: :func:`localize` with the model in ``model_file``; returns what to print on stdout
+    (the answers, as text or one JSON document), the ``error:`` lines for stderr (one per unreadable photo) and
+    the exit status: 0 every photo answered, 1 some could not be read, 2 none could be."""
+    from .device import select_device
+    from .models import load_model
+
+    net, model_cfg = load_model(model_file)
+    results, failures = localize(net, model_cfg.to_dict(), images, database_h5, split_dir,
+                                 device=select_device(device), cfg=cfg)
+    errors = [f"error: {failure.message}" for failure in failures]
+    text = results_json(results) if as_json else "\n".join(format_localization(r) for r in results)
+    if not results:
+        errors.append(f"error: none of the {len(failures)} photo(s) could be read")
+    return text, errors, 2 if not results else (1 if failures else 0)

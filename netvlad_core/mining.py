@@ -29,6 +29,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .config import option
 from .errors import NetVLADError
 
 LOSSES = ("squared", "sqrt")
@@ -38,10 +39,11 @@ LOSSES = ("squared", "sqrt")
 class MiningConfig:
     """How triplets are chosen (see the module docstring for the margin convention)."""
 
-    margin: float = 0.1
-    loss: str = "squared"
-    num_negatives: int = 10
-    num_negatives_sampled: int = 1000
+    margin: float = option(0.1, "Triplet margin m in squared-distance units (the sqrt loss uses sqrt(m)).")
+    loss: str = option("squared", "squared: sum max(0, |q-p|^2 + m - |q-n|^2) (MATLAB); sqrt: non-squared distances, "
+                       "margin sqrt(m) (PyTorch port).")
+    num_negatives: int = option(10, "Hardest negatives kept per query (those violating the margin train).")
+    num_negatives_sampled: int = option(1000, "Random negatives (farther than the positive radius) drawn per query.")
 
     def validate(self) -> None:
         if self.loss not in LOSSES:
@@ -187,7 +189,8 @@ def mine_triplets(
     return out, stats
 
 
-def triplet_loss(q: torch.Tensor, p: torch.Tensor, negatives: torch.Tensor, *, margin: float, loss: str) -> torch.Tensor:
+def triplet_loss(q: torch.Tensor, p: torch.Tensor, negatives: torch.Tensor, *, margin: float,
+                 loss: str) -> torch.Tensor:
     """Sum over the negatives of one query's triplet losses (not normalised).
 
     ``q``, ``p``: ``(D,)``; ``negatives``: ``(K, D)``. ``squared``: Σ_j max(0, ‖q−p‖² + m − ‖q−n_j‖²);

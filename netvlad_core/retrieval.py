@@ -1,7 +1,7 @@
 """Nearest-neighbour search and the place-recognition measures computed from its rankings.
 
 Pure functions on arrays (plus faiss): ``search`` ranks the database for every query, ``recall_at_n`` and
-``first_correct_rank`` score the rankings against the ground-truth positives, ``localise`` turns the top
+``first_correct_rank`` score the rankings against the ground-truth positives, ``estimate_positions`` turns the top
 matches into a position estimate, and ``collapse_panoramas`` applies the Tokyo 24/7 convention of counting
 each database panorama once per ranking.
 
@@ -177,7 +177,7 @@ def recall_at_n(indices: np.ndarray, positives: Sequence[np.ndarray], ns: Iterab
     return {int(n): float(np.count_nonzero((ranks >= 1) & (ranks <= n)) / total) for n in ns}
 
 
-def localise(
+def estimate_positions(
     indices: np.ndarray,
     distances: np.ndarray,
     db_utm: np.ndarray,

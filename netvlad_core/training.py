@@ -24,9 +24,10 @@ parameters still learn where trainable) and there is no dropout, so a step does 
 composed and needs no random numbers. Only parameters with ``requires_grad`` (the trainable backbone blocks
 and the pooling layer) are optimised.
 
-Checkpoints (``<checkpoint_dir>/train_state.pt``, written atomically, read with ``weights_only=True``) hold the
-model, optimiser and scheduler state, the best model so far, the negative cache, the RNG states (torch, numpy,
-python, the mining generator), the epoch, the epoch's query order and the position in it, the best recall and
+Checkpoints (``<checkpoint_dir>/train_state.pt``, written atomically, read with ``weights_only=True``; one
+:class:`TrainState`, the loop's whole state, through :meth:`TrainState.to_checkpoint`) hold the model, optimiser
+and scheduler state, the best model so far, the negative cache, the RNG states (torch, numpy, python, the mining
+generator), the epoch, the epoch's query order and the position in it, the best recall and
 the epochs without improvement, the DVCLive step, and the DVCLive files written so far (metrics.json,
 params.yaml and the plots' .tsv files, as text). A checkpoint is resumed only when its hash (:func:`run_identity`)
 matches: the training parameters (all but ``workers`` and ``cache_memmap``), the initial model's config and
@@ -55,6 +56,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -69,6 +71,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .config import option
 from .datasets.images import load_image
 from .datasets.manifest import GroundTruth, Split, split_fingerprint
 from .device import autocast, prepare_model, to_device
@@ -76,8 +79,7 @@ from .distributed import DistContext, all_reduce_sum, broadcast_object, shard_in
 from .errors import NetVLADError
 from .features import encode_rounds, model_fingerprint
 from .io import load_state, save_state
-from .mining import (MiningConfig, MiningStats, Triplets, batch_loss, batch_loss_sum, empty_negative_cache,
-                     mine_triplets)
+from .mining import MiningConfig, MiningStats, Triplets, batch_loss, batch_loss_sum, empty_negative_cache, mine_triplets
 
 CHECKPOINT_NAME = "train_state.pt"
 CHECKPOINT_FORMAT = 2  # 2: the DVCLive history travels with the checkpoint ("live_files")
@@ -88,31 +90,27 @@ _NOT_IN_IDENTITY = ("workers", "cache_memmap")
 
 @dataclass
 class TrainConfig:
-    """Training hyper-parameters; names match the ``train`` stage's options (``_`` ↔ ``-``)."""
+    """Training hyper-parameters (the paper's by default); the triplet mining is ``mining`` (params.yaml group
+    ``mining``), the rest the ``train`` stage's options (params.yaml group ``train``)."""
 
-    epochs: int = 30
-    lr: float = 1e-4
-    momentum: float = 0.9
-    weight_decay: float = 1e-3
-    lr_step: int = 5
-    lr_gamma: float = 0.5
-    batch_size: int = 4
-    margin: float = 0.1
-    loss: str = "squared"
-    num_negatives: int = 10
-    num_negatives_sampled: int = 1000
-    cache_refresh_rate: int = 1000
-    patience: int = 10
-    seed: int = 0
-    max_queries_per_epoch: int = 0  # 0 = every usable query
-    encode_batch_size: int = 16
-    workers: int = 2
-    amp: str = "bf16"  # autocast on GPU: bf16, fp16 or fp32; ignored on CPU
-    cache_memmap: bool = False  # keep the database descriptor cache in a np.memmap file in the checkpoint dir
-
-    def mining(self) -> MiningConfig:
-        return MiningConfig(margin=self.margin, loss=self.loss, num_negatives=self.num_negatives,
-                            num_negatives_sampled=self.num_negatives_sampled)
+    epochs: int = option(30, "Maximum number of epochs.")
+    lr: float = option(1e-4, "SGD learning rate.")
+    momentum: float = option(0.9, "SGD momentum.")
+    weight_decay: float = option(1e-3, "SGD weight decay.")
+    lr_step: int = option(5, "Multiply the learning rate by lr-gamma every this many epochs.")
+    lr_gamma: float = option(0.5, "Learning-rate factor applied every lr-step epochs.")
+    batch_size: int = option(4, "Queries per optimisation step (each with its positive and negatives); under "
+                             "torchrun the global batch.")
+    cache_refresh_rate: int = option(1000, "Queries between descriptor-cache refreshes (and checkpoints).")
+    patience: int = option(10, "Stop after this many epochs without a better validation recall@5 (0 = never).")
+    seed: int = option(0, "Seed of the query order and the negative sampling.")
+    max_queries_per_epoch: int = option(0, "Train on at most this many queries per epoch (0 = all).")
+    encode_batch_size: int = option(16, "Images per forward pass when refreshing the cache and validating.")
+    workers: int = option(2, "DataLoader worker processes for decoding images.")
+    amp: str = option("bf16", "Autocast dtype on GPU: bf16, fp16 or fp32 (ignored on CPU).")
+    cache_memmap: bool = option(False, "Keep the database descriptor cache in a memory-mapped file in the "
+                                "checkpoint dir instead of RAM.")
+    mining: MiningConfig = dataclasses.field(default_factory=MiningConfig)
 
     def validate(self) -> None:
         positive = {"epochs": self.epochs, "lr-step": self.lr_step, "batch-size": self.batch_size,
@@ -134,7 +132,7 @@ class TrainConfig:
             raise NetVLADError(f"lr-gamma must be in (0, 1], got {self.lr_gamma}")
         if self.amp not in ("bf16", "fp16", "fp32"):
             raise NetVLADError(f"amp must be bf16, fp16 or fp32, got {self.amp!r}")
-        self.mining().validate()
+        self.mining.validate()
 
 
 @dataclass
@@ -152,26 +150,51 @@ class TrainResult:
 
 # ----------------------------------------------------------------------------------------------- model helpers
 
-def apply_trainable_blocks(model: torch.nn.Module, model_cfg, trainable_blocks: int):
+def apply_trainable_blocks(model: torch.nn.Module, model_cfg, trainable_blocks: int | None):
     """Move the freeze boundary of a loaded model to ``trainable_blocks`` (backbone units counted from the end;
-    ``-1`` all, ``0`` none) via ``model.backbone.set_trainable_blocks``, and return the updated config."""
+    ``-1`` all, ``0`` none; ``None`` the backbone's own default, e.g. vgg16's conv5_1..conv5_3) via
+    ``model.backbone.set_trainable_blocks``, and return the updated config, which records the number used."""
+    from .models.backbones import default_trainable_blocks
+
+    if trainable_blocks is None:
+        trainable_blocks = default_trainable_blocks(model_cfg.backbone)
     new_cfg = dataclasses.replace(model_cfg, trainable_blocks=trainable_blocks)
     new_cfg.validate()
     model.backbone.set_trainable_blocks(trainable_blocks)
     return new_cfg
 
 
-def parse_trainable_blocks(value: str | int | None) -> int | None:
-    """``None``/``"keep"``/``"none"``/``"null"`` → ``None`` (keep the model's boundary); otherwise an integer >= -1."""
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "keep", "none", "null")):
+def train_model_file(init_model: str | os.PathLike, train_split_dir: str | os.PathLike,
+                     val_split_dir: str | os.PathLike, out: str | os.PathLike, *, live_dir: str | os.PathLike,
+                     checkpoint_dir: str | os.PathLike, cfg: TrainConfig, trainable_blocks: int | None, run,
+                     log: Callable[[str], None] = print, report: Callable[[str], None] = print
+                     ) -> TrainResult | None:
+    """The ``train`` stage: the model in ``init_model`` with its freeze boundary at ``trainable_blocks``
+    (:func:`apply_trainable_blocks`), trained with :func:`train` on the splits in ``train_split_dir`` and
+    ``val_split_dir``; ``run`` is a :class:`~netvlad_core.config.RunConfig`. Progress notices go to ``log``, the
+    one-line summary to ``report``; returns the result on rank 0 (``None`` on the other ranks under torchrun)."""
+    from .datasets.manifest import load_ground_truth, load_split
+    from .distributed import distributed_session
+    from .io import distinct_paths
+    from .models import load_model
+
+    distinct_paths({"--init-model": init_model}, {"--out": out})
+    cfg.validate()
+    train_data, val_data = load_split(train_split_dir), load_split(val_split_dir)
+    train_gt, val_gt = load_ground_truth(train_split_dir), load_ground_truth(val_split_dir)
+    model, model_cfg = load_model(init_model)
+    model_cfg = apply_trainable_blocks(model, model_cfg, trainable_blocks)
+    with distributed_session(run.device, run.dist_timeout) as dist:
+        result = train(model, model_cfg, train_data, train_gt, val_data, val_gt, out=out, live_dir=live_dir,
+                       checkpoint_dir=checkpoint_dir, cfg=cfg, device=dist.device, progress=run.progress, log=log,
+                       dist=dist)
+    if not dist.is_main:
         return None
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        raise NetVLADError(f"trainable-blocks must be an integer >= -1 or 'keep', got {value!r}") from None
-    if n < -1:
-        raise NetVLADError(f"trainable-blocks must be an integer >= -1 or 'keep', got {value!r}")
-    return n
+    r = result.best_recall
+    report(f"train: best epoch {result.best_epoch} of {result.epochs_run} (R@1 {100 * r[1]:.1f} R@5 {100 * r[5]:.1f} "
+        f"R@10 {100 * r[10]:.1f} on {val_data.name}){' early stop' if result.stopped_early else ''}"
+        f"{', resumed' if result.resumed else ''}{f', {dist.world_size} processes' if dist.enabled else ''} -> {out}")
+    return result
 
 
 def _model_dims(model_cfg) -> dict:
@@ -334,7 +357,8 @@ def run_identity(cfg: TrainConfig, model_cfg, init_fingerprint: str, train_split
 
 
 def epoch_query_order(usable: np.ndarray, seed: int, epoch: int, max_queries: int) -> np.ndarray:
-    """The queries of ``epoch`` in visiting order: a permutation drawn from ``(seed, epoch)``, cut to ``max_queries``."""
+    """The queries of ``epoch`` in visiting order: a permutation drawn from ``(seed, epoch)``, cut to
+    ``max_queries``."""
     order = np.random.default_rng([seed, epoch]).permutation(usable)
     return order[:max_queries] if max_queries else order
 
@@ -422,6 +446,286 @@ class _NoLive:
         pass
 
 
+@dataclass(eq=False)
+class TrainState:
+    """Everything a checkpoint holds: the model, optimiser and scheduler (live objects, updated in place), the
+    mining generator, and where the loop stands. The torch, numpy and python RNGs are global: a checkpoint takes
+    and restores their states too. ``live_step`` follows DVCLive's step (:func:`_log_row` keeps it equal)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    mining_rng: np.random.Generator
+    negative_cache: np.ndarray  # (train queries, num_negatives) int64, -1 = empty
+    epoch: int  # 0-based, the epoch in progress
+    position: int  # queries of query_order done
+    query_order: np.ndarray  # the epoch's queries in visiting order
+    best_recall: dict[int, float]  # {} before the first validation
+    best_epoch: int  # 1-based, 0 before the first validation
+    epochs_without_improvement: int
+    best_model: dict | None  # the best epoch's state dict (rank 0 only)
+    live_step: int
+    skipped_queries: int  # over the finished epochs
+    stopped: bool  # early stop
+    epoch_stats: MiningStats  # the epoch in progress, so far
+
+    @classmethod
+    def fresh(cls, cfg: TrainConfig, *, model: torch.nn.Module, optimizer, scheduler, num_queries: int,
+              usable: np.ndarray) -> TrainState:
+        """The start of a new run: the global RNGs seeded from ``cfg.seed``, an empty negative cache, epoch 0."""
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        return cls(model=model, optimizer=optimizer, scheduler=scheduler, mining_rng=np.random.default_rng(cfg.seed),
+                   negative_cache=empty_negative_cache(num_queries, cfg.mining.num_negatives), epoch=0, position=0,
+                   query_order=epoch_query_order(usable, cfg.seed, 0, cfg.max_queries_per_epoch), best_recall={},
+                   best_epoch=0, epochs_without_improvement=0, best_model=None, live_step=0, skipped_queries=0,
+                   stopped=False, epoch_stats=MiningStats())
+
+    def to_checkpoint(self, identity: str, live_dir: Path) -> dict:
+        """The checkpoint (tensors, numbers, strings, lists and dicts only: it loads with ``weights_only=True``),
+        with the DVCLive files of ``live_dir`` as text."""
+        return {
+            "format": CHECKPOINT_FORMAT, "identity": identity,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "best_model": self.best_model,
+            "negative_cache": torch.from_numpy(self.negative_cache.copy()), "rng": rng_states(self.mining_rng),
+            "epoch": self.epoch, "position": self.position,
+            "query_order": torch.from_numpy(np.asarray(self.query_order, dtype=np.int64).copy()),
+            "best_recall": {int(k): float(v) for k, v in self.best_recall.items()}, "best_epoch": self.best_epoch,
+            "epochs_without_improvement": self.epochs_without_improvement, "live_step": self.live_step,
+            "skipped_queries": self.skipped_queries, "stopped": self.stopped, "epoch_stats": asdict(self.epoch_stats),
+            "live_files": live_history(live_dir),
+        }
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict, *, model: torch.nn.Module, optimizer, scheduler,
+                        live_dir: Path | None) -> TrainState:
+        """The state of ``checkpoint`` (from :meth:`to_checkpoint`): loaded into ``model``, ``optimizer`` and
+        ``scheduler``, the RNG states restored, and the DVCLive files restored into ``live_dir`` (``None``: not,
+        on ranks other than 0) before DVCLive opens it."""
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        mining_rng = np.random.default_rng(0)  # its state is replaced by the checkpoint's
+        restore_rng_states(checkpoint["rng"], mining_rng)
+        if live_dir is not None:  # the curves as they were at the checkpoint, even if `dvc repro` deleted the folder
+            restore_live_history(live_dir, checkpoint["live_files"])
+        return cls(model=model, optimizer=optimizer, scheduler=scheduler, mining_rng=mining_rng,
+                   negative_cache=checkpoint["negative_cache"].numpy().copy(), epoch=int(checkpoint["epoch"]),
+                   position=int(checkpoint["position"]), query_order=checkpoint["query_order"].numpy().copy(),
+                   best_recall={int(k): float(v) for k, v in checkpoint["best_recall"].items()},
+                   best_epoch=int(checkpoint["best_epoch"]),
+                   epochs_without_improvement=int(checkpoint["epochs_without_improvement"]),
+                   best_model=checkpoint["best_model"], live_step=int(checkpoint["live_step"]),
+                   skipped_queries=int(checkpoint["skipped_queries"]), stopped=bool(checkpoint["stopped"]),
+                   epoch_stats=MiningStats(**{k: int(v) for k, v in checkpoint["epoch_stats"].items()}))
+
+
+# One optimisation step of a (global) batch: (this rank's images, counts; None when it has no query of the batch,
+# the batch's triplets) -> the batch's loss. Chosen once per run by _step_function.
+TrainStep = Callable[[torch.Tensor | None, torch.Tensor | None, list[Triplets]], float]
+
+
+@dataclass(eq=False)
+class _Run:
+    """What stays fixed during a run (and the descriptor cache, allocated at the first refresh on rank 0)."""
+
+    cfg: TrainConfig
+    device: torch.device
+    dist: DistContext | None
+    dims: dict
+    train_split: Split
+    train_gt: GroundTruth
+    val_split: Split
+    val_gt: GroundTruth
+    usable: np.ndarray  # the train queries with a database image within the training radius
+    step: TrainStep
+    live: object  # dvclive.Live on rank 0, _NoLive elsewhere
+    live_dir: Path
+    checkpoint_path: Path
+    identity: str | None  # None on ranks other than 0
+    say: Callable[[str], None]
+    show: bool
+    db_cache: np.ndarray | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist is None or self.dist.is_main
+
+    @property
+    def distributed(self) -> bool:
+        return self.dist is not None and self.dist.enabled
+
+    @property
+    def memmap_path(self) -> Path | None:
+        return self.checkpoint_path.parent / "db_cache.npy" if self.cfg.cache_memmap else None
+
+
+def _check_inputs(out: Path, live_dir: Path, checkpoint_dir: Path, train_split: Split, train_gt: GroundTruth,
+                  val_split: Split, val_gt: GroundTruth) -> np.ndarray:
+    """Refuse outputs inside the folders training rewrites and splits that cannot be trained on; return the usable
+    train queries (those with a database image within the training radius)."""
+    for folder, flag in ((live_dir, "live-dir"), (checkpoint_dir, "checkpoint-dir")):
+        if out.resolve().is_relative_to(folder.resolve()):
+            raise NetVLADError(f"{out}: the output model lies in the {flag} folder {folder}, which training "
+                               f"rewrites; put it elsewhere")
+    if len(train_gt.train_positives) != train_split.num_queries:
+        raise NetVLADError(f"train split {train_split.name!r}: ground truth has {len(train_gt.train_positives)} "
+                           f"queries but the manifest {train_split.num_queries}")
+    if len(val_gt.positives) != val_split.num_queries:
+        raise NetVLADError(f"val split {val_split.name!r}: ground truth has {len(val_gt.positives)} queries but the "
+                           f"manifest {val_split.num_queries}")
+    usable = np.array([i for i, p in enumerate(train_gt.train_positives) if len(p)], dtype=np.int64)
+    if len(usable) == 0:
+        raise NetVLADError(f"train split {train_split.name!r}: no query has a database image within "
+                           f"{train_split.train_pos_dist_thr:g} m, nothing to train on")
+    if train_split.num_db < 2:
+        raise NetVLADError(f"train split {train_split.name!r}: needs at least 2 database images")
+    return usable
+
+
+def _optimiser(model: torch.nn.Module, cfg: TrainConfig):
+    """SGD over the trainable parameters and its StepLR schedule."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise NetVLADError("the model has no trainable parameters (check trainable-blocks and the pooling)")
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+
+
+def _log_row(run: _Run, state: TrainState, metrics: dict[str, float]) -> None:
+    """Log ``metrics`` (in this order) as one DVCLive step."""
+    for name, value in metrics.items():
+        run.live.log_metric(name, value)
+    run.live.next_step()
+    state.live_step = run.live.step
+
+
+def _save_checkpoint(run: _Run, state: TrainState) -> None:
+    """Write the checkpoint atomically (rank 0 only)."""
+    if run.is_main:
+        save_state(run.checkpoint_path, state.to_checkpoint(run.identity, run.live_dir))
+
+
+def _train_epoch(run: _Run, state: TrainState) -> None:
+    """The rest of the epoch from ``state.position``, one refresh block after the other: a checkpoint (except
+    before the epoch's first block, whose state the previous epoch-end checkpoint holds), refresh and mine, train."""
+    from tqdm import tqdm
+
+    cfg = run.cfg
+    with tqdm(total=len(state.query_order), initial=state.position, desc=f"epoch {state.epoch + 1}/{cfg.epochs}",
+              unit="query", disable=not run.show) as bar:
+        while state.position < len(state.query_order):
+            if state.position > 0:
+                _save_checkpoint(run, state)
+            block = state.query_order[state.position:state.position + cfg.cache_refresh_rate]
+            mined = _refresh_and_mine(run, state, block)
+            _train_block(run, state, mined, bar)
+            state.position += len(block)
+            if isinstance(run.db_cache, np.memmap):
+                run.db_cache.flush()
+
+
+def _refresh_and_mine(run: _Run, state: TrainState, block: np.ndarray) -> list[Triplets | None]:
+    """Cache refresh (every database image and the block's queries, current weights; sharded under torchrun) and
+    mining of the whole block at once (rank 0, which sends the triplets to every rank): one entry per query of
+    the block, ``None`` for a skipped one. The mining counts go to ``state.epoch_stats``."""
+    cfg, split, model = run.cfg, run.train_split, state.model
+    out_dim, dtype = int(model.out_dim), cache_dtype(run.device)
+    if run.db_cache is None and run.is_main:  # under torchrun only rank 0 keeps the cache and mines
+        run.db_cache = allocate_cache(split.num_db, out_dim, dtype, run.memmap_path)
+    query_files = split.query_files()
+    encode = functools.partial(encode_into, model, dims=run.dims, device=run.device, batch_size=cfg.encode_batch_size,
+                               num_workers=cfg.workers, amp=cfg.amp, progress=run.show, dist=run.dist)
+    encode(split.db_files(), run.db_cache, desc="cache db")
+    q_cache = encode([query_files[i] for i in block], np.empty((len(block), out_dim), dtype) if run.is_main else None,
+                     desc="cache queries")
+    mined = stats = None
+    if run.is_main:
+        mined, stats = mine_triplets(block, q_cache, run.db_cache, train_positives=run.train_gt.train_positives,
+                                     positives=run.train_gt.positives, negative_cache=state.negative_cache,
+                                     rng=state.mining_rng, cfg=cfg.mining, device=run.device)
+    if run.distributed:
+        mined, stats = broadcast_object((mined, stats), run.dist, what="sending the mined triplets")
+    state.epoch_stats.add(stats)
+    return mined
+
+
+def _train_block(run: _Run, state: TrainState, mined: list[Triplets | None], bar) -> None:
+    """The optimisation steps of a block: batches of ``batch_size`` consecutive queries (skipped ones drop out; a
+    batch with none left is no step), each rank training on its contiguous slice of every batch."""
+    cfg = run.cfg
+    groups = [mined[i:i + cfg.batch_size] for i in range(0, len(mined), cfg.batch_size)]
+    batches = [[t for t in g if t is not None] for g in groups]
+    # this rank's slice of each global batch (all of it in a single process)
+    parts = [[b[i] for i in shard_indices(len(b), run.dist.rank, run.dist.world_size)] for b in batches] \
+        if run.distributed else batches
+    nonempty = [p for p in parts if p]
+    loaded = iter(TripletBatches(nonempty, run.train_split, run.dims,
+                                 min_side=int(getattr(state.model, "stride", None) or 1)).loader(
+        num_workers=min(cfg.workers, len(nonempty)), pin_memory=run.device.type == "cuda"))
+    for group, triplets, part in zip(groups, batches, parts):
+        if triplets:
+            images, counts = next(loaded) if part else (None, None)
+            loss = run.step(images, counts, triplets)
+            violating = sum(len(t.negatives) for t in triplets)
+            _log_row(run, state, {"train/loss": loss,
+                                  "train/violating_fraction": violating / (len(triplets) * cfg.mining.num_negatives),
+                                  "train/lr": state.optimizer.param_groups[0]["lr"]})
+            bar.set_postfix(loss=f"{loss:.4f}")
+        bar.update(len(group))
+
+
+def _end_epoch(run: _Run, state: TrainState) -> None:
+    """Schedule step, validation, best model, early stop, next epoch's order, epoch-end checkpoint."""
+    cfg = run.cfg
+    with warnings.catch_warnings():  # an epoch whose queries were all skipped made no optimizer step
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+        state.scheduler.step()
+    stats = state.epoch_stats
+    state.skipped_queries += stats.skipped
+    recall = validate_recall(state.model, run.val_split, run.val_gt, device=run.device,
+                             batch_size=cfg.encode_batch_size, num_workers=cfg.workers, amp=cfg.amp, dims=run.dims,
+                             progress=run.show, dist=run.dist)
+    _log_row(run, state, {**{f"val/recall@{n}": r for n, r in recall.items()},
+                          "train/skipped_queries": stats.skipped,
+                          "train/epoch_violating_fraction": stats.violating_fraction, "epoch": state.epoch + 1})
+    if not state.best_recall or recall[5] > state.best_recall[5]:
+        state.best_recall, state.best_epoch, state.epochs_without_improvement = dict(recall), state.epoch + 1, 0
+        if run.is_main:  # kept in memory and in the checkpoint; `out` is written once, when training ends
+            state.best_model = _state_copy(state.model)
+    else:
+        state.epochs_without_improvement += 1
+    run.say(f"train: epoch {state.epoch + 1}: recall@1/5/10 = {recall[1]:.4f}/{recall[5]:.4f}/{recall[10]:.4f}, "
+            f"{stats.skipped} of {stats.queries} queries skipped"
+            + (" (best)" if state.best_epoch == state.epoch + 1
+               else f", {state.epochs_without_improvement} without improvement"))
+    state.stopped = cfg.patience > 0 and state.epochs_without_improvement >= cfg.patience
+    state.epoch += 1
+    state.position = 0
+    state.epoch_stats = MiningStats()
+    state.query_order = epoch_query_order(run.usable, cfg.seed, state.epoch, cfg.max_queries_per_epoch)
+    _save_checkpoint(run, state)
+
+
+def _finish(run: _Run, state: TrainState, out: Path, model_cfg) -> None:
+    """Rank 0: the best weights to ``out`` (written only now: an interrupted run leaves no ``out``), the DVCLive
+    summary, and the checkpoint and memory-mapped cache removed."""
+    from .models import save_model
+
+    final = copy.deepcopy(state.model).cpu() if run.device.type != "cpu" else state.model
+    final.load_state_dict(state.best_model)
+    save_model(out, final, model_cfg)
+    for n in RECALL_NS:
+        run.live.summary[f"best/recall@{n}"] = state.best_recall[n]
+    run.live.summary["best/epoch"] = state.best_epoch
+    run.live.end()
+    run.checkpoint_path.unlink(missing_ok=True)
+    if run.memmap_path is not None:
+        run.memmap_path.unlink(missing_ok=True)
+
+
 def train(
     model: torch.nn.Module,
     model_cfg,
@@ -450,219 +754,56 @@ def train(
     over the batch's triplet count — so a step equals the single-process step on the same batch. Rank 0 alone
     reads the checkpoint (and sends it to the others), writes checkpoints, DVCLive files and ``out``, and logs."""
     from dvclive import Live
-    from tqdm import tqdm
 
-    from .models import save_model
-
+    # ---- set up: inputs checked, model on the device, optimiser, the run's identity
     cfg.validate()
     is_main = dist is None or dist.is_main
-    distributed = dist is not None and dist.enabled
     say = log if is_main else (lambda msg: None)
-    show = progress and is_main
     out, live_dir, checkpoint_dir = Path(out), Path(live_dir), Path(checkpoint_dir)
-    for folder, option in ((live_dir, "live-dir"), (checkpoint_dir, "checkpoint-dir")):
-        if out.resolve().is_relative_to(folder.resolve()):
-            raise NetVLADError(f"{out}: the output model lies in the {option} folder {folder}, which training "
-                               f"rewrites; put it elsewhere")
-    checkpoint_path = checkpoint_dir / CHECKPOINT_NAME
-    if len(train_gt.train_positives) != train_split.num_queries:
-        raise NetVLADError(f"train split {train_split.name!r}: ground truth has {len(train_gt.train_positives)} "
-                           f"queries but the manifest {train_split.num_queries}")
-    if len(val_gt.positives) != val_split.num_queries:
-        raise NetVLADError(f"val split {val_split.name!r}: ground truth has {len(val_gt.positives)} queries but the "
-                           f"manifest {val_split.num_queries}")
-    usable = np.array([i for i, p in enumerate(train_gt.train_positives) if len(p)], dtype=np.int64)
-    if len(usable) == 0:
-        raise NetVLADError(f"train split {train_split.name!r}: no query has a database image within "
-                           f"{train_split.train_pos_dist_thr:g} m, nothing to train on")
-    if train_split.num_db < 2:
-        raise NetVLADError(f"train split {train_split.name!r}: needs at least 2 database images")
-
+    usable = _check_inputs(out, live_dir, checkpoint_dir, train_split, train_gt, val_split, val_gt)
     dims = _model_dims(model_cfg)
     model = prepare_model(model, device).eval()
     # only rank 0 reads and writes checkpoints, so only it stats the image files for the identity
     identity = run_identity(cfg, model_cfg, model_fingerprint(model), train_split, val_split, device) \
         if is_main else None
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise NetVLADError("the model has no trainable parameters (check trainable-blocks and the pooling)")
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    optimizer, scheduler = _optimiser(model, cfg)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.amp == "fp16" else None
-    mining_cfg = cfg.mining()
-    mining_rng = np.random.default_rng(cfg.seed)
 
     # ---- start fresh or resume
-    state = _load_checkpoint(checkpoint_path, identity, say) if is_main else None
-    if distributed:  # every rank resumes from rank 0's checkpoint (it need not exist on the other machines)
-        state = broadcast_object(state, dist, what="sharing the checkpoint")
-    resumed = state is not None
+    checkpoint_path = checkpoint_dir / CHECKPOINT_NAME
+    checkpoint = _load_checkpoint(checkpoint_path, identity, say) if is_main else None
+    if dist is not None and dist.enabled:  # every rank resumes from rank 0's checkpoint (need not exist elsewhere)
+        checkpoint = broadcast_object(checkpoint, dist, what="sharing the checkpoint")
+    resumed = checkpoint is not None
     if resumed:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        restore_rng_states(state["rng"], mining_rng)
-        neg_cache = state["negative_cache"].numpy().copy()
-        epoch, position = int(state["epoch"]), int(state["position"])
-        order = state["query_order"].numpy().copy()
-        best_recall = {int(k): float(v) for k, v in state["best_recall"].items()}
-        best_epoch, no_improve = int(state["best_epoch"]), int(state["epochs_without_improvement"])
-        best_state = state["best_model"]
-        live_step, skipped_total = int(state["live_step"]), int(state["skipped_queries"])
-        stopped = bool(state["stopped"])
-        epoch_stats = MiningStats(**{k: int(v) for k, v in state["epoch_stats"].items()})
-        if is_main:  # the curves as they were at the checkpoint, even if `dvc repro` deleted the folder
-            restore_live_history(live_dir, state["live_files"])
-        say(f"train: resuming from {checkpoint_path} at epoch {epoch + 1}, query {position} of {len(order)}")
+        state = TrainState.from_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler,
+                                           live_dir=live_dir if is_main else None)
+        say(f"train: resuming from {checkpoint_path} at epoch {state.epoch + 1}, query {state.position} of "
+            f"{len(state.query_order)}")
     else:
-        torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed % 2**32)
-        neg_cache = empty_negative_cache(train_split.num_queries, cfg.num_negatives)
-        epoch, position = 0, 0
-        order = epoch_query_order(usable, cfg.seed, 0, cfg.max_queries_per_epoch)
-        best_recall, best_epoch, no_improve, best_state = {}, 0, 0, None
-        live_step, skipped_total, stopped = 0, 0, False
-        epoch_stats = MiningStats()
-
-    def checkpoint() -> None:
-        if not is_main:
-            return
-        save_state(checkpoint_path, {
-            "format": CHECKPOINT_FORMAT, "identity": identity,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "best_model": best_state, "negative_cache": torch.from_numpy(neg_cache.copy()),
-            "rng": rng_states(mining_rng), "epoch": epoch, "position": position,
-            "query_order": torch.from_numpy(np.asarray(order, dtype=np.int64).copy()),
-            "best_recall": {int(k): float(v) for k, v in best_recall.items()}, "best_epoch": best_epoch,
-            "epochs_without_improvement": no_improve, "live_step": live.step, "skipped_queries": skipped_total,
-            "stopped": stopped, "epoch_stats": asdict(epoch_stats), "live_files": live_history(live_dir),
-        })
-
-    memmap_path = checkpoint_dir / "db_cache.npy" if cfg.cache_memmap else None
-    dtype = cache_dtype(device)
-    out_dim = int(model.out_dim)
-    db_cache: np.ndarray | None = None
-
+        state = TrainState.fresh(cfg, model=model, optimizer=optimizer, scheduler=scheduler,
+                                 num_queries=train_split.num_queries, usable=usable)
+    del checkpoint
     live = Live(dir=str(live_dir), resume=resumed, save_dvc_exp=False, dvcyaml=None) if is_main else _NoLive()
-    live.step = live_step
-    train_model = model
-    if distributed:  # gradients summed over the ranks; buffers are not synced (eval mode: BatchNorm is frozen)
-        import inspect
-
-        from torch.nn.parallel import DistributedDataParallel
-
-        no_buffer_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(
-            DistributedDataParallel.__init__).parameters else {"broadcast_buffers": False}  # torch < 2.14
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                              **no_buffer_sync)
-        train_model.register_comm_hook(None, _sum_gradients)
+    live.step = state.live_step
+    step = _step_function(model, optimizer, scaler, cfg, device, dims, dist)  # builds the DDP model, once
     if not resumed:
         live.log_params({k: v for k, v in asdict(cfg).items()})
+    run = _Run(cfg=cfg, device=device, dist=dist, dims=dims, train_split=train_split, train_gt=train_gt,
+               val_split=val_split, val_gt=val_gt, usable=usable, step=step, live=live, live_dir=live_dir,
+               checkpoint_path=checkpoint_path, identity=identity, say=say, show=progress and is_main)
 
+    # ---- epochs of refresh blocks, each epoch ended by validation and a checkpoint
     with _deterministic(device):
-        while epoch < cfg.epochs and not stopped:
-            with tqdm(total=len(order), initial=position, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="query",
-                      disable=not show) as bar:
-                while position < len(order):
-                    if position > 0:
-                        checkpoint()
-                    block = order[position:position + cfg.cache_refresh_rate]
-                    # -- cache refresh: all database images + this block's queries, current weights
-                    if db_cache is None and is_main:  # under torchrun only rank 0 keeps the cache and mines
-                        db_cache = allocate_cache(train_split.num_db, out_dim, dtype, memmap_path)
-                    q_files = [train_split.query_files()[i] for i in block]
-                    encode_into(model, train_split.db_files(), db_cache, dims=dims, device=device,
-                                batch_size=cfg.encode_batch_size, num_workers=cfg.workers, amp=cfg.amp,
-                                progress=show, desc="cache db", dist=dist)
-                    q_cache = encode_into(model, q_files, np.empty((len(block), out_dim), dtype) if is_main else None,
-                                          dims=dims, device=device, batch_size=cfg.encode_batch_size,
-                                          num_workers=cfg.workers, amp=cfg.amp, progress=show, desc="cache queries",
-                                          dist=dist)
-                    # -- mining: one batched distance computation for the block
-                    mined = stats = None
-                    if is_main:
-                        mined, stats = mine_triplets(block, q_cache, db_cache,
-                                                     train_positives=train_gt.train_positives,
-                                                     positives=train_gt.positives, negative_cache=neg_cache,
-                                                     rng=mining_rng, cfg=mining_cfg, device=device)
-                    if distributed:
-                        mined, stats = broadcast_object((mined, stats), dist, what="sending the mined triplets")
-                    epoch_stats.add(stats)
-                    groups = [mined[i:i + cfg.batch_size] for i in range(0, len(mined), cfg.batch_size)]
-                    sizes = [len(g) for g in groups]
-                    batches = [[t for t in g if t is not None] for g in groups]
-                    # this rank's slice of each global batch (all of it in a single process)
-                    parts = [[b[i] for i in shard_indices(len(b), dist.rank, dist.world_size)] for b in batches] \
-                        if distributed else batches
-                    nonempty = [p for p in parts if p]
-                    loader = TripletBatches(nonempty, train_split, dims,
-                                            min_side=int(getattr(model, "stride", None) or 1)).loader(
-                        num_workers=min(cfg.workers, len(nonempty)), pin_memory=device.type == "cuda")
-                    loaded = iter(loader)
-                    for size, triplets, part in zip(sizes, batches, parts):
-                        if triplets and distributed:
-                            images, counts = next(loaded) if part else (None, None)
-                            loss_value = _distributed_train_step(
-                                train_model, optimizer, scaler, images, counts, device, cfg, dims=dims, dist=dist,
-                                num_triplets=sum(len(t.negatives) for t in triplets))
-                        elif triplets:
-                            images, counts = next(loaded)
-                            loss_value, _ = _train_step(model, optimizer, scaler, images, counts, device, cfg)
-                        if triplets:
-                            violating = sum(len(t.negatives) for t in triplets)
-                            live.log_metric("train/loss", loss_value)
-                            live.log_metric("train/violating_fraction",
-                                            violating / (len(triplets) * cfg.num_negatives))
-                            live.log_metric("train/lr", optimizer.param_groups[0]["lr"])
-                            live.next_step()
-                            bar.set_postfix(loss=f"{loss_value:.4f}")
-                        bar.update(size)
-                    position += len(block)
-                    db_cache.flush() if isinstance(db_cache, np.memmap) else None
-            # -- end of epoch: schedule, validation, best model, early stop
-            with warnings.catch_warnings():  # an epoch whose queries were all skipped made no optimizer step
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
-                scheduler.step()
-            skipped_total += epoch_stats.skipped
-            recall = validate_recall(model, val_split, val_gt, device=device, batch_size=cfg.encode_batch_size,
-                                     num_workers=cfg.workers, amp=cfg.amp, dims=dims, progress=show, dist=dist)
-            for n, r in recall.items():
-                live.log_metric(f"val/recall@{n}", r)
-            live.log_metric("train/skipped_queries", epoch_stats.skipped)
-            live.log_metric("train/epoch_violating_fraction", epoch_stats.violating_fraction)
-            live.log_metric("epoch", epoch + 1)
-            live.next_step()
-            if not best_recall or recall[5] > best_recall[5]:
-                best_recall, best_epoch, no_improve = dict(recall), epoch + 1, 0
-                if is_main:  # kept in memory and in the checkpoint; `out` is written once, when training ends
-                    best_state = _state_copy(model)
-            else:
-                no_improve += 1
-            say(f"train: epoch {epoch + 1}: recall@1/5/10 = {recall[1]:.4f}/{recall[5]:.4f}/{recall[10]:.4f}, "
-                f"{epoch_stats.skipped} of {epoch_stats.queries} queries skipped"
-                + (" (best)" if best_epoch == epoch + 1 else f", {no_improve} without improvement"))
-            stopped = cfg.patience > 0 and no_improve >= cfg.patience
-            epoch += 1
-            position = 0
-            epoch_stats = MiningStats()
-            order = epoch_query_order(usable, cfg.seed, epoch, cfg.max_queries_per_epoch)
-            checkpoint()
+        while state.epoch < cfg.epochs and not state.stopped:
+            _train_epoch(run, state)
+            _end_epoch(run, state)
 
     # ---- finish: the best weights go to `out`, written only now (an interrupted run leaves no `out` behind)
     if is_main:
-        final = copy.deepcopy(model).cpu() if device.type != "cpu" else model
-        final.load_state_dict(best_state)
-        save_model(out, final, model_cfg)
-        for n in RECALL_NS:
-            live.summary[f"best/recall@{n}"] = best_recall[n]
-        live.summary["best/epoch"] = best_epoch
-        live.end()
-        checkpoint_path.unlink(missing_ok=True)
-        if memmap_path is not None:
-            memmap_path.unlink(missing_ok=True)
-    return TrainResult(best_recall=best_recall, best_epoch=best_epoch, epochs_run=epoch, stopped_early=stopped,
-                       resumed=resumed, skipped_queries=skipped_total, out=out)
+        _finish(run, state, out, model_cfg)
+    return TrainResult(best_recall=state.best_recall, best_epoch=state.best_epoch, epochs_run=state.epoch,
+                       stopped_early=state.stopped, resumed=resumed, skipped_queries=state.skipped_queries, out=out)
 
 
 def _train_step(model, optimizer, scaler, images: torch.Tensor, counts: torch.Tensor, device: torch.device,
@@ -670,7 +811,7 @@ def _train_step(model, optimizer, scaler, images: torch.Tensor, counts: torch.Te
     optimizer.zero_grad(set_to_none=True)
     with autocast(device, cfg.amp):
         desc = model(to_device(images, device))
-    loss, num_triplets = batch_loss(desc.float(), counts.tolist(), margin=cfg.margin, loss=cfg.loss)
+    loss, num_triplets = batch_loss(desc.float(), counts.tolist(), margin=cfg.mining.margin, loss=cfg.mining.loss)
     _backward_and_step(loss, optimizer, scaler)
     return float(loss.detach()), num_triplets
 
@@ -684,6 +825,39 @@ def _backward_and_step(loss: torch.Tensor, optimizer, scaler) -> None:
     else:
         loss.backward()
         optimizer.step()
+
+
+def _step_function(model: torch.nn.Module, optimizer, scaler, cfg: TrainConfig, device: torch.device, dims: dict,
+                   dist: DistContext | None) -> TrainStep:
+    """The step of a run, chosen once: :func:`_train_step` in a single process; under torchrun
+    :func:`_distributed_train_step` on the model wrapped (here, once) by :func:`_wrap_ddp`."""
+    if dist is None or not dist.enabled:
+        def step(images, counts, triplets):
+            return _train_step(model, optimizer, scaler, images, counts, device, cfg)[0]
+
+        return step
+    ddp_model = _wrap_ddp(model, device)
+
+    def distributed_step(images, counts, triplets):
+        return _distributed_train_step(ddp_model, optimizer, scaler, images, counts, device, cfg, dims=dims,
+                                       dist=dist, num_triplets=sum(len(t.negatives) for t in triplets))
+
+    return distributed_step
+
+
+def _wrap_ddp(model: torch.nn.Module, device: torch.device):
+    """``model`` in DistributedDataParallel with gradients summed over the ranks (:func:`_sum_gradients`); buffers
+    are not synced (eval mode: BatchNorm is frozen)."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    no_buffer_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(
+        DistributedDataParallel.__init__).parameters else {"broadcast_buffers": False}  # torch < 2.14
+    ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                        **no_buffer_sync)
+    ddp_model.register_comm_hook(None, _sum_gradients)
+    return ddp_model
 
 
 def _sum_gradients(state, bucket):
@@ -711,7 +885,7 @@ def _distributed_train_step(ddp_model, optimizer, scaler, images: torch.Tensor |
     else:
         with autocast(device, cfg.amp):
             desc = ddp_model(to_device(images, device))
-        local = batch_loss_sum(desc.float(), counts.tolist(), margin=cfg.margin, loss=cfg.loss)
+        local = batch_loss_sum(desc.float(), counts.tolist(), margin=cfg.mining.margin, loss=cfg.mining.loss)
     loss = local / max(num_triplets, 1)
     _backward_and_step(loss, optimizer, scaler)
     return float(all_reduce_sum(float(loss.detach()), dist, what="summing the loss")[0])

@@ -6,13 +6,14 @@ import importlib
 
 import typer
 
+from stages import launch
+
 app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     no_args_is_help=True,
     help="NetVLAD visual place recognition: the pipeline's stages as commands (see dvc.yaml for how they chain).",
 )
-
 
 
 @app.callback()
@@ -37,10 +38,8 @@ for _name, _module in STAGES:
     _fn = importlib.import_module(f"stages.{_module}").main
     app.command(_name, help=_fn.__doc__)(_fn)
 
-
-from stages import launch as _launch  # noqa: E402
-
-app.command("launch", help=_launch.main.__doc__, context_settings=_launch.CONTEXT_SETTINGS)(_launch.main)
+# `launch` runs the other commands through this app (it finds it in its click context: no import cycle)
+app.command("launch", help=launch.main.__doc__, context_settings=launch.CONTEXT_SETTINGS)(launch.main)
 
 
 if __name__ == "__main__":

@@ -6,30 +6,26 @@ from pathlib import Path
 
 import typer
 
-from stages._common import run, user_errors
+from netvlad_core.clustering import KMeansConfig, initial_model
+from netvlad_core.config import RunConfig
+from netvlad_core.models.build import HEAD_FIELDS, ModelConfig
+from stages._common import run
+from stages._options import Group, stage
 
 
-@user_errors
+@stage(head=Group(ModelConfig, "model.head", only=HEAD_FIELDS), cfg=Group(KMeansConfig, "kmeans"),
+       run_cfg=Group(RunConfig, only=("progress",)))
 def main(
     descriptors: Path = typer.Option(..., help="HDF5 written by `sample`."),
     centroids_out: Path = typer.Option(..., help="Output HDF5 with the K×D centroids."),
-    model_out: Path = typer.Option(..., help="Output model file (state dict + config) initialised from the centroids."),
-    pooling: str = typer.Option("netvlad", help="Pooling: netvlad, max, avg or gem (only netvlad uses the centroids)."),
-    num_clusters: int = typer.Option(64, help="K, the number of NetVLAD clusters."),
-    vladv2: bool = typer.Option(False, help="Use the vladv2 initialisation (conv bias from squared distances)."),
-    iterations: int = typer.Option(100, help="k-means iterations."),
-    seed: int = typer.Option(0, help="k-means seed."),
-    progress: bool = typer.Option(True, help="Show k-means progress."),
+    model_out: Path = typer.Option(..., help="Output model file (state dict + config) initialised from the "
+                                   "centroids."),
+    *, head: ModelConfig, cfg: KMeansConfig, run_cfg: RunConfig,
 ) -> None:
     """Run faiss k-means on the descriptor sample and initialise the NetVLAD layer from it. The centroids and the
     model are written together: both or neither."""
-    from netvlad_core.clustering import KMeansConfig, initial_model
-
-    cfg = KMeansConfig(num_clusters=num_clusters, iterations=iterations, seed=seed)
-    centroids, _ = initial_model(descriptors, centroids_out=centroids_out, model_out=model_out,
-                                 pooling={"pooling": pooling, "num_clusters": num_clusters, "vladv2": vladv2},
-                                 cfg=cfg, progress=progress)
-    typer.echo(f"kmeans: {centroids.shape[0]} centroids -> {centroids_out}; model -> {model_out}")
+    initial_model(descriptors, centroids_out=centroids_out, model_out=model_out, head=head, cfg=cfg,
+                  progress=run_cfg.progress, log=typer.echo)
 
 
 if __name__ == "__main__":

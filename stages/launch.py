@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import List
+from typing import Callable, List
 
+import click
 import typer
 
 # Registered in stages/cli.py with these settings, so the stage's own options pass through untouched.
@@ -32,8 +33,9 @@ def torchrun_args(nproc_per_node: int, stage_argv: List[str]) -> List[str]:
     return ["--standalone", f"--nproc-per-node={nproc_per_node}", "-m", "stages.cli", *stage_argv]
 
 
-def launch(nproc_per_node: int, stage_argv: List[str]) -> int:
-    """Run ``netvlad <stage_argv…>`` with ``nproc_per_node`` processes; the exit status."""
+def launch(nproc_per_node: int, stage_argv: List[str], run_here: Callable[[List[str]], int]) -> int:
+    """Run ``netvlad <stage_argv…>`` with ``nproc_per_node`` processes; the exit status. ``run_here`` runs a stage's
+    argument list in this process (one process, or already inside a torchrun worker) and returns its exit status."""
     if nproc_per_node < 1:
         typer.echo(f"error: nproc-per-node must be >= 1, got {nproc_per_node}", err=True)
         return 2
@@ -45,13 +47,7 @@ def launch(nproc_per_node: int, stage_argv: List[str]) -> int:
         typer.echo("error: launch cannot launch itself", err=True)
         return 2
     if nproc_per_node == 1 or "LOCAL_RANK" in os.environ:
-        from stages.cli import app
-
-        try:
-            app(args=stage_argv, prog_name="netvlad")
-        except SystemExit as e:  # Typer's standalone mode always exits
-            return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        return 0
+        return run_here(stage_argv)
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -67,6 +63,20 @@ def launch(nproc_per_node: int, stage_argv: List[str]) -> int:
     return 0
 
 
+def command_runner(command: click.Command) -> Callable[[List[str]], int]:
+    """``run_here`` for :func:`launch`: run an argument list with ``command`` (the ``netvlad`` group) in this
+    process."""
+
+    def run_here(argv: List[str]) -> int:
+        try:
+            command.main(args=argv, prog_name="netvlad")
+        except SystemExit as e:  # click's standalone mode always exits
+            return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        return 0
+
+    return run_here
+
+
 def main(
     ctx: typer.Context,
     nproc_per_node: int = typer.Option(1, "--nproc-per-node", metavar="N",
@@ -74,12 +84,12 @@ def main(
                                        "torchrun (one process per GPU, or N CPU processes)."),
 ) -> None:
     """Run a stage with one or several processes: `netvlad launch --nproc-per-node N STAGE OPTIONS...`."""
-    code = launch(nproc_per_node, list(ctx.args))
+    # the stage runs through the command group this launch belongs to (the `netvlad` app): no import of stages.cli
+    code = launch(nproc_per_node, list(ctx.args), command_runner(ctx.find_root().command))
     raise typer.Exit(code)
 
 
-if __name__ == "__main__":
-    _app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    _app.command(context_settings=CONTEXT_SETTINGS, help=main.__doc__)(main)
-    _app(prog_name="python -m stages.launch")
-    sys.exit(0)
+if __name__ == "__main__":  # `python -m stages.launch …` is `netvlad launch …`
+    from stages.cli import app
+
+    app(args=["launch", *sys.argv[1:]], prog_name="python -m stages.launch")

@@ -24,7 +24,8 @@ def make_jpegs(root: Path, names: list[str], size=(64, 48), seed: int = 0) -> No
         Image.fromarray(small).resize(size, Image.BILINEAR).save(p, quality=90)
 
 
-def make_split(tmp: Path, *, num_db: int = 12, num_q: int = 5, size=(64, 48), seed: int = 0, name: str = "test") -> Path:
+def make_split(tmp: Path, *, num_db: int = 12, num_q: int = 5, size=(64, 48), seed: int = 0,
+               name: str = "test") -> Path:
     """A split folder over real JPEGs: database on a line every 5 m, queries near some of them."""
     rng = np.random.default_rng(seed)
     root = tmp / "images"

@@ -14,8 +14,14 @@ from torch import nn
 
 from netvlad_core.errors import NetVLADError
 from netvlad_core.models import ModelConfig, NetVLAD, PlaceModel, build_backbone, build_model, load_model, save_model
-from netvlad_core.models.backbones import (EFFICIENTNET_LITE0_TENSORS, efficientnet_lite0_classifier,
-                                           efficientnet_lite0_package_file)
+from netvlad_core.models.backbones import (
+    EFFICIENTNET_LITE0_TENSORS,
+    FIXED_BACKBONES,
+    REGISTRY,
+    default_trainable_blocks,
+    efficientnet_lite0_classifier,
+    efficientnet_lite0_package_file,
+)
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
@@ -95,6 +101,54 @@ def test_bad_backbone_names():
         build_backbone("timm:resnet18:9", "none")
     with pytest.raises(NetVLADError, match="trainable_blocks"):
         build_backbone("alexnet", "none", trainable_blocks=9)
+
+
+# name → (channels, stride, freezable units, default trainable units), from the papers and the networks' layouts:
+# VGG16 has 13 conv layers and the paper trains conv5_1..conv5_3; AlexNet 5 conv layers; a ResNet crop after layerN
+# has the stem + N stages; EfficientNet-Lite0 up to blocks[4] the stem + 5 stages.
+EXPECTED_BACKBONES = {
+    "vgg16": (512, 16, 13, 3), "alexnet": (256, 16, 5, 1),
+    "resnet18_layer3": (256, 16, 4, 1), "resnet18_layer4": (512, 32, 5, 1),
+    "resnet50_layer3": (1024, 16, 4, 1), "resnet50_layer4": (2048, 32, 5, 1),
+    "efficientnet_lite0": (112, 16, 6, 1),
+}
+
+
+def test_registry_describes_the_built_backbones():
+    assert tuple(REGISTRY) == FIXED_BACKBONES == tuple(EXPECTED_BACKBONES)
+    for name, (channels, stride, units, default) in EXPECTED_BACKBONES.items():
+        spec = REGISTRY[name]
+        assert (spec.channels, spec.stride, spec.default_trainable_blocks) == (channels, stride, default), name
+        assert default_trainable_blocks(name) == default
+        backbone, got_channels, got_stride = build_backbone(name, "none")
+        assert (got_channels, got_stride, backbone.num_units, backbone.trainable_blocks) == \
+            (channels, stride, units, default), name
+        with torch.no_grad():
+            assert backbone.eval()(torch.zeros(1, 3, 64, 64)).shape[1] == channels, name
+        # the default boundary: exactly the last `default` units learn
+        learning = [any(p.requires_grad for n, p in backbone.body.named_parameters()
+                        if any(n == u or n.startswith(u + ".") for u in unit)) for unit in backbone.units]
+        assert learning == [False] * (units - default) + [True] * default, name
+    assert default_trainable_blocks("timm:resnet18") == 1 == build_backbone("timm:resnet18", "none")[0].trainable_blocks
+    with pytest.raises(NetVLADError, match=r"'vgg19'.*valid: vgg16, alexnet"):
+        default_trainable_blocks("vgg19")
+    with pytest.raises(NetVLADError, match="ResNets need a crop"):
+        default_trainable_blocks("resnet50")
+
+
+def test_random_backbones_initialise_like_torchvision():
+    from torchvision import models as tvm
+
+    for name, ctor, crop in (("alexnet", tvm.alexnet, lambda m: {f"features.{k}": v for k, v in
+                                                                  m.features[:11].state_dict().items()}),
+                             ("resnet18_layer3", tvm.resnet18, lambda m: {k: v for k, v in m.state_dict().items()
+                                                                          if not k.startswith(("layer4", "fc"))})):
+        backbone, _, _ = build_backbone(name, "none", init_seed=5)
+        torch.manual_seed(5)
+        expected = crop(ctor(weights=None))
+        got = backbone.body.state_dict()
+        assert list(got) == list(expected), name
+        assert all(torch.equal(got[k], expected[k]) for k in got), name
 
 
 # ------------------------------------------------------------------------------------------------- weights
@@ -220,8 +274,8 @@ def test_model_config_round_trip_and_validation():
         ModelConfig.from_dict({"clusters": 4})
 
 
-def test_default_model_shapes():
-    model = build_model(ModelConfig())
+def test_demo_model_shapes():
+    model = build_model(ModelConfig(backbone="efficientnet_lite0", input_height=240, input_width=320))
     assert model.feature_dim == 112 and model.out_dim == 64 * 112 and isinstance(model.pool, NetVLAD)
     local = model.eval().local_descriptors(torch.zeros(1, 3, 240, 320))
     assert local.shape == (1, 112, 15, 20)

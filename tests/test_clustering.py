@@ -59,13 +59,14 @@ def test_kmeans_uses_every_sample():
     rng = np.random.default_rng(0)
     centres = rng.normal(0, 10, (5, 4))
     x = (centres[rng.integers(0, 5, 20_000)] + rng.normal(0, 1, (20_000, 4))).astype(np.float32)
-    c = kmeans(x, KMeansConfig(num_clusters=5, iterations=50, seed=1), progress=False)
+    c = kmeans(x, 5, KMeansConfig(iterations=50, seed=1), progress=False)
     assign = ((x[:, None, :] - c[None]) ** 2).sum(-1).argmin(1)
     for k in range(5):
-        np.testing.assert_allclose(c[k], x[assign == k].mean(0), atol=2e-2)  # a 256-per-centroid subsample is off by ~0.2
+        # a 256-per-centroid subsample would be off by ~0.2
+        np.testing.assert_allclose(c[k], x[assign == k].mean(0), atol=2e-2)
 
 
 @pytest.mark.parametrize("k", [1, 101])
 def test_kmeans_rejects_bad_cluster_counts(k):
     with pytest.raises(NetVLADError, match="num-clusters"):
-        kmeans(np.zeros((100, 4), np.float32), KMeansConfig(num_clusters=k), progress=False)
+        kmeans(np.zeros((100, 4), np.float32), k, KMeansConfig(), progress=False)

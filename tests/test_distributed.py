@@ -25,7 +25,12 @@ if str(REPO) not in sys.path:  # when run as the workers' script
     sys.path.insert(0, str(REPO))
 
 from netvlad_core.distributed import (  # noqa: E402
-    gather_batch, gather_rows, init_distributed, num_rounds, pad_rounds, shard_indices,
+    gather_batch,
+    gather_rows,
+    init_distributed,
+    num_rounds,
+    pad_rounds,
+    shard_indices,
 )
 from netvlad_core.errors import NetVLADError  # noqa: E402
 
@@ -36,7 +41,19 @@ SAMPLE = dict(num_descriptors=61, per_image=4, seed=3, batch_size=3, num_workers
 TRAIN = dict(epochs=1, batch_size=3, num_negatives=3, num_negatives_sampled=8, cache_refresh_rate=4, margin=3.0,
              lr=0.01, encode_batch_size=4, workers=0, seed=7)
 ONE_STEP = {**TRAIN, "epochs": 1, "max_queries_per_epoch": 3}  # one global batch of 3 queries: 2 + 1 per rank
+MINING_KEYS = ("margin", "loss", "num_negatives", "num_negatives_sampled")
+
+
 CPU = torch.device("cpu")
+
+
+def _train_config(params: dict):
+    """TrainConfig from a flat dict whose mining keys go to its MiningConfig (as params.yaml's `mining` group)."""
+    from netvlad_core.mining import MiningConfig
+    from netvlad_core.training import TrainConfig
+
+    mining = MiningConfig(**{k: v for k, v in params.items() if k in MINING_KEYS})
+    return TrainConfig(**{k: v for k, v in params.items() if k not in MINING_KEYS}, mining=mining)
 
 
 def _env(**extra: str) -> dict:
@@ -100,10 +117,9 @@ def test_world_without_rendezvous_is_a_clear_error(monkeypatch):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict:
     """A split of 23 database images and 7 queries and a small real model file (ResNet-18 to layer3, K = 4)."""
+    from netvlad_core.clustering import KMeansConfig, kmeans
     from netvlad_core.models import ModelConfig, build_model, save_model
     from tests.conftest import make_split
-
-    from netvlad_core.clustering import KMeansConfig, kmeans
 
     root = tmp_path_factory.mktemp("dist")
     split_dir = make_split(root, num_db=23, num_q=7)
@@ -116,7 +132,7 @@ def data(tmp_path_factory) -> dict:
     train_cfg = ModelConfig(**{**SMALL, "trainable_blocks": 1})
     net = build_model(train_cfg).eval()
     local = torch.nn.functional.normalize(torch.randn(200, net.feature_dim), dim=1).numpy()
-    net.pool.init_params(kmeans(local, KMeansConfig(num_clusters=4, iterations=5), progress=False), local)
+    net.pool.init_params(kmeans(local, 4, KMeansConfig(iterations=5), progress=False), local)
     save_model(root / "init.pt", net, train_cfg)
     return {"root": root, "split": split_dir, "model": root / "model.pt", "init": root / "init.pt",
             "train": root / "train" / "splits" / "train", "val": root / "val" / "splits" / "val"}
@@ -225,12 +241,12 @@ def _train_single(data: dict, run: Path, params: dict) -> Path:
     """The single-process run of ``params`` (in this process); its best model file."""
     from netvlad_core.datasets.manifest import load_ground_truth, load_split
     from netvlad_core.models import load_model
-    from netvlad_core.training import TrainConfig, train
+    from netvlad_core.training import train
 
     model, model_cfg = load_model(data["init"])
     train(model, model_cfg, load_split(data["train"]), load_ground_truth(data["train"]), load_split(data["val"]),
           load_ground_truth(data["val"]), out=run / "model.pt", live_dir=run / "live", checkpoint_dir=run / "ckpt",
-          cfg=TrainConfig(**params), device=CPU, progress=False, log=lambda msg: None)
+          cfg=_train_config(params), device=CPU, progress=False, log=lambda msg: None)
     return run / "model.pt"
 
 
@@ -357,7 +373,7 @@ def _worker_library(root: Path) -> None:
     torch.distributed.all_gather_object(calls, tiny.calls)
     # training: one step, and an uninterrupted 2-epoch run
     from netvlad_core.datasets.manifest import load_ground_truth
-    from netvlad_core.training import TrainConfig, train
+    from netvlad_core.training import train
 
     for name, params in (("ddp_step", ONE_STEP), ("ddp_run", TRAIN)):
         model, model_cfg = load_model(root / "init.pt")
@@ -368,7 +384,7 @@ def _worker_library(root: Path) -> None:
         train(model, model_cfg, load_split(root / "train" / "splits" / "train"),
               load_ground_truth(root / "train" / "splits" / "train"), load_split(root / "val" / "splits" / "val"),
               load_ground_truth(root / "val" / "splits" / "val"), out=run / "model.pt", live_dir=run / "live",
-              checkpoint_dir=run / "ckpt", cfg=TrainConfig(**params), device=dist.device, progress=False,
+              checkpoint_dir=run / "ckpt", cfg=_train_config(params), device=dist.device, progress=False,
               log=lambda msg: None, dist=dist)
     if dist.is_main:
         np.savez(root / "pca_2.npz", mean=whitening.mean, eigenvalues=whitening.eigenvalues,
@@ -402,9 +418,9 @@ def _copy_when_present(path: Path, copy: Path, timeout: float = 600.0) -> None:
 
 
 def _worker_die(root: Path) -> None:
+    from netvlad_core.datasets.manifest import load_split
     from netvlad_core.distributed import distributed_session
     from netvlad_core.features import FeatureConfig, extract_split_features
-    from netvlad_core.datasets.manifest import load_split
     from stages._common import user_errors
     from tests.conftest import TINY_MODEL_CONFIG, TinyModel
 

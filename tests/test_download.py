@@ -307,7 +307,8 @@ def make_tar(path: Path, members: list[tarfile.TarInfo | tuple[str, bytes]], mod
     return path
 
 
-@pytest.mark.parametrize("mode,suffix", [("w:gz", ".tar.gz"), ("w:bz2", ".tar.bz2"), ("w:xz", ".tar.xz"), ("w", ".tar")])
+@pytest.mark.parametrize("mode,suffix", [("w:gz", ".tar.gz"), ("w:bz2", ".tar.bz2"), ("w:xz", ".tar.xz"),
+                                         ("w", ".tar")])
 def test_tar_formats_extract(tmp_path, mode, suffix):
     link = tarfile.TarInfo("datasets/alias.mat")
     link.type, link.linkname = tarfile.SYMTYPE, "a.mat"

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from netvlad_core.errors import NetVLADError
 from netvlad_core.export import CONFIG_METADATA_KEY, export_onnx
 from netvlad_core.models import ModelConfig, build_model, load_model, save_model
-from netvlad_core.models.whitening import fit_pca_whitening, apply_whitening
+from netvlad_core.models.whitening import apply_whitening, fit_pca_whitening
 from stages.cli import app
 
 SMALL = ModelConfig(backbone="resnet18_layer3", weights="none", num_clusters=4, input_height=48, input_width=64)

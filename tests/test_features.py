@@ -41,7 +41,8 @@ def test_interrupted_extraction_resumes(tiny_split, tmp_path):
     cfg = FeatureConfig(batch_size=2, num_workers=0, flush_every=1)
     model.fail_after = 4
     with pytest.raises(KeyboardInterrupt):
-        extract_split_features(model, TINY_MODEL_CONFIG, split, out, device=torch.device("cpu"), cfg=cfg, progress=False)
+        extract_split_features(model, TINY_MODEL_CONFIG, split, out, device=torch.device("cpu"), cfg=cfg,
+                               progress=False)
     assert not out.exists(), "an interrupted run must not leave a file under the final name"
     assert (tmp_path / ".f.h5.partial").exists()
     model.fail_after, model.calls = None, 0
@@ -61,7 +62,8 @@ def test_partial_from_another_model_is_not_resumed(tiny_split, tmp_path):
     first = TinyModel()
     first.fail_after = 3
     with pytest.raises(KeyboardInterrupt):
-        extract_split_features(first, TINY_MODEL_CONFIG, split, out, device=torch.device("cpu"), cfg=cfg, progress=False)
+        extract_split_features(first, TINY_MODEL_CONFIG, split, out, device=torch.device("cpu"), cfg=cfg,
+                               progress=False)
     torch.manual_seed(1)
     other = TinyModel()
     extract_split_features(other, TINY_MODEL_CONFIG, split, out, device=torch.device("cpu"), cfg=cfg, progress=False)

@@ -25,11 +25,12 @@ TINY = {
     "download": {"width": 160, "height": 120, "train-blocks": 1, "val-blocks": 1, "test-blocks": 1,
                  "train-queries": 24, "val-queries": 16, "test-queries": 24, "headings": 2, "db-spacing-m": 8.0,
                  "workers": 1},
-    "sample": {"input-height": 120, "input-width": 160, "num-descriptors": 2000, "per-image": 50, "workers": 0},
-    "kmeans": {"num-clusters": 8, "iterations": 10},
+    "model": {"trunk": {"input-height": 120, "input-width": 160}, "head": {"num-clusters": 8}},
+    "sample": {"num-descriptors": 2000, "per-image": 50, "workers": 0},
+    "kmeans": {"iterations": 10},
     "features": {"workers": 0},
-    "train": {"epochs": 1, "max-queries-per-epoch": 8, "cache-refresh-rate": 8, "num-negatives-sampled": 50,
-              "workers": 0, "lr": 0.01},
+    "train": {"epochs": 1, "max-queries-per-epoch": 8, "cache-refresh-rate": 8, "workers": 0, "lr": 0.01},
+    "mining": {"num-negatives-sampled": 50},
     "pca": {"dim": 32, "max-images": 60, "workers": 0},
 }
 
@@ -38,20 +39,27 @@ def _env() -> dict:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["DVC_NO_ANALYTICS"] = "1"
-    env["PYTHONPATH"] = str(REPO)
     return env
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True)
+    env = {**_env(), "PYTHONPATH": str(cwd)}  # the repository's own copy of the code (dvc.yaml lists it as deps)
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
 
+def _merge(target: dict, overrides: dict) -> None:
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            _merge(target[key], value)
+        else:
+            target[key] = value
+
+
 def _set_params(path: Path, overrides: dict) -> None:
     params = yaml.safe_load(path.read_text())
-    for group, values in overrides.items():
-        params[group].update(values)
+    _merge(params, overrides)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -60,6 +68,8 @@ def pipeline_repo(tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("pipeline")
     for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(REPO / name, repo / name)
+    for package in ("netvlad_core", "stages"):  # the code the stages run, tracked as their deps
+        shutil.copytree(REPO / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
     (repo / ".dvc").mkdir()
     for name in ("config", ".gitignore"):
         shutil.copy(REPO / ".dvc" / name, repo / ".dvc" / name)
@@ -116,7 +126,7 @@ def test_metrics_and_plots_are_visible_to_dvc(pipeline_repo):
 
 def test_changing_num_clusters_reruns_exactly_kmeans_and_what_follows(pipeline_repo):
     dvc = str(Path(sys.executable).parent / "dvc")
-    _set_params(pipeline_repo / "params.yaml", {"kmeans": {"num-clusters": 6}})
+    _set_params(pipeline_repo / "params.yaml", {"model": {"head": {"num-clusters": 6}}})
     out = _run([dvc, "repro"], pipeline_repo).stdout
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert "download" not in ran and "sample" not in ran
@@ -143,3 +153,23 @@ def test_exp_run_with_two_processes_lists_its_recall(pipeline_repo):
         written = json.loads((pipeline_repo / f"metrics/test_{model}.json").read_text())["recall@1"]
         assert float(row[f"metrics/test_{model}.json:recall@1"]) == pytest.approx(written, abs=1e-6)
     assert float(row["metrics/train/metrics.json:train.lr"]) == pytest.approx(0.02)  # DVCLive's logged lr
+
+
+def _changed_stages(repo: Path) -> set[str]:
+    dvc = str(Path(sys.executable).parent / "dvc")
+    return set(json.loads(_run([dvc, "status", "--json"], repo).stdout))
+
+
+def test_dvc_status_names_the_stages_whose_code_changed(pipeline_repo):
+    """A change to a library module makes `dvc status` list exactly the stages that run it."""
+    assert _changed_stages(pipeline_repo) == set()
+    for module, expected in (("mining.py", {"train"}),
+                             ("evaluation.py", {"evaluate@offtheshelf", "evaluate@trained", "evaluate@trained_pca"})):
+        path = pipeline_repo / "netvlad_core" / module
+        original = path.read_bytes()
+        try:
+            path.write_bytes(original + b"\n# touched\n")
+            assert _changed_stages(pipeline_repo) == expected, module
+        finally:
+            path.write_bytes(original)
+    assert _changed_stages(pipeline_repo) == set()

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from netvlad_core.io import atomic_path, distinct_paths, remove_stale_temporaries
 from netvlad_core.errors import NetVLADError
+from netvlad_core.io import atomic_path, distinct_paths, remove_stale_temporaries
 from netvlad_core.models import ModelConfig
 from tests.conftest import REPO, make_split
 

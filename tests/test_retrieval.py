@@ -17,14 +17,19 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from netvlad_core.datasets.manifest import Split, load_ground_truth, radius_neighbours, write_split
+from netvlad_core.datasets.manifest import (
+    Split,
+    load_ground_truth,
+    radius_neighbours,
+    write_split,
+)
 from netvlad_core.errors import NetVLADError
 from netvlad_core.evaluation import EvalConfig, evaluate, example_queries
 from netvlad_core.retrieval import (
     collapse_panoramas,
+    estimate_positions,
     first_correct_rank,
     localisation_errors,
-    localise,
     panorama_id_from_path,
     panorama_ids_from_paths,
     recall_at_n,
@@ -71,21 +76,21 @@ def test_hand_case_search_recall_and_localisation():
     assert recall_at_n(indices, positives, [1, 3, 4, 5]) == {1: 0.25, 3: 0.5, 4: 0.75, 5: 0.75}
 
     # k=1: the top match's position; errors 105, 105, 290, 2
-    errors = localisation_errors(localise(indices, distances, HAND_DB_UTM, 1), HAND_Q_UTM)
+    errors = localisation_errors(estimate_positions(indices, distances, HAND_DB_UTM, 1), HAND_Q_UTM)
     np.testing.assert_allclose(errors, [105, 105, 290, 2])
     # k=2 uniform for q3: mean of db2 (100, 0) and db1 (10, 0) = (55, 0), 47 m from (102, 0)
-    est = localise(indices, distances, HAND_DB_UTM, 2, "uniform")
+    est = estimate_positions(indices, distances, HAND_DB_UTM, 2, "uniform")
     np.testing.assert_allclose(est[3], [55, 0])
     # inverse distance: descriptor distances 0.4 and 0.6
-    est = localise(indices, distances, HAND_DB_UTM, 2, "inverse_distance")
+    est = estimate_positions(indices, distances, HAND_DB_UTM, 2, "inverse_distance")
     w = np.array([1 / (0.4 + 1e-6), 1 / (0.6 + 1e-6)])
     np.testing.assert_allclose(est[3], (w[0] * HAND_DB_UTM[2] + w[1] * HAND_DB_UTM[1]) / w.sum(), rtol=1e-5)
     # softmax on squared distances 0.16, 0.36 with temperature 0.1
-    est = localise(indices, distances, HAND_DB_UTM, 2, "softmax", temperature=0.1)
+    est = estimate_positions(indices, distances, HAND_DB_UTM, 2, "softmax", temperature=0.1)
     w = np.exp(-np.array([0.0, 0.2]) / 0.1)
     np.testing.assert_allclose(est[3], (w[0] * HAND_DB_UTM[2] + w[1] * HAND_DB_UTM[1]) / w.sum(), rtol=1e-4)
     # an empty ranking slot gets no weight; an all-empty ranking gives NaN
-    est = localise(np.array([[-1, 2], [-1, -1]]), np.array([[np.inf, 1.0], [np.inf, np.inf]]), HAND_DB_UTM, 2)
+    est = estimate_positions(np.array([[-1, 2], [-1, -1]]), np.array([[np.inf, 1.0], [np.inf, np.inf]]), HAND_DB_UTM, 2)
     np.testing.assert_allclose(est[0], [100, 0])
     assert np.isnan(est[1]).all()
 
@@ -105,7 +110,7 @@ def test_random_case_matches_brute_force_and_batching():
     recalls = recall_at_n(indices, positives, [1, 5, 20])
     for n in (1, 5, 20):
         assert recalls[n] == pytest.approx(brute_recall(bf_order, positives, n))
-    errors = localisation_errors(localise(indices, distances, db_utm, 1), q_utm)
+    errors = localisation_errors(estimate_positions(indices, distances, db_utm, 1), q_utm)
     np.testing.assert_allclose(errors, np.linalg.norm(db_utm[bf_order[:, 0]] - q_utm, axis=1))
 
     batched = search(db, q, 20, batch_size=21)

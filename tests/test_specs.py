@@ -12,11 +12,11 @@ from scipy.io import loadmat, savemat
 from netvlad_core.datasets.manifest import Split, load_ground_truth, load_split, write_split
 from netvlad_core.datasets.official import (
     check_images,
-    prepare_dataset,
     dbstruct_to_split,
     get_dataset,
     load_splits,
     parse_vg_name,
+    prepare_dataset,
     vg_split,
 )
 from netvlad_core.datasets.specs import DBStruct, read_dbstruct, write_dbstruct

@@ -19,7 +19,8 @@ from PIL import Image
 from netvlad_core.datasets.manifest import Split, load_split, write_split
 from netvlad_core.errors import NetVLADError
 from netvlad_core.io import load_state
-from netvlad_core.training import CHECKPOINT_NAME, TrainConfig, parse_trainable_blocks
+from netvlad_core.mining import MiningConfig
+from netvlad_core.training import CHECKPOINT_NAME, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 H, W = 48, 64
@@ -68,7 +69,7 @@ def tiny(tmp_path_factory) -> dict:
     with torch.no_grad():
         imgs = torch.stack([load_image(f, H, W, cfg.mean, cfg.std) for f in split.db_files()[:8]])
         local = model.local_descriptors(imgs).flatten(2).transpose(1, 2).reshape(-1, model.feature_dim).numpy()
-    model.pool.init_params(kmeans(local, KMeansConfig(num_clusters=4, iterations=5), progress=False), local)
+    model.pool.init_params(kmeans(local, 4, KMeansConfig(iterations=5), progress=False), local)
     save_model(root / "init.pt", model, cfg)
     return {"root": root, "train": train_dir, "val": val_dir, "init": root / "init.pt"}
 
@@ -220,8 +221,8 @@ def test_checkpoint_from_other_params_is_not_resumed(tiny, runs, tmp_path):
     from netvlad_core.models import load_model
     from netvlad_core.training import train
 
-    cfg = TrainConfig(epochs=1, batch_size=2, num_negatives=3, num_negatives_sampled=8, cache_refresh_rate=2,
-                      margin=3.0, lr=0.02, seed=7, max_queries_per_epoch=4, encode_batch_size=8, workers=0)
+    cfg = TrainConfig(epochs=1, batch_size=2, mining=MiningConfig(num_negatives=3, num_negatives_sampled=8, margin=3.0),
+                      cache_refresh_rate=2, lr=0.02, seed=7, max_queries_per_epoch=4, encode_batch_size=8, workers=0)
     splits = [load_split(tiny["train"]), load_ground_truth(tiny["train"]), load_split(tiny["val"]),
               load_ground_truth(tiny["val"])]
 
@@ -244,12 +245,71 @@ def test_checkpoint_from_other_params_is_not_resumed(tiny, runs, tmp_path):
     _assert_same_weights(stale_model, fresh_model)
 
 
-def test_parse_trainable_blocks_and_config_validation():
-    assert parse_trainable_blocks("keep") is None and parse_trainable_blocks("None") is None
-    assert parse_trainable_blocks("2") == 2 and parse_trainable_blocks(-1) == -1
+def test_config_validation():
     with pytest.raises(NetVLADError):
-        parse_trainable_blocks("-3")
-    with pytest.raises(NetVLADError):
-        TrainConfig(loss="cosine").validate()
+        TrainConfig(mining=MiningConfig(loss="cosine")).validate()
     with pytest.raises(NetVLADError):
         TrainConfig(cache_refresh_rate=0).validate()
+
+
+def test_train_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    """TrainState → to_checkpoint → file (weights-only) → from_checkpoint into other objects gives back every field,
+    the weights, the optimiser's momentum, the schedule, the DVCLive files and the RNG streams (the next draws
+    equal those drawn after the checkpoint was taken)."""
+    import random
+
+    from netvlad_core.io import save_state
+    from netvlad_core.mining import MiningStats
+    from netvlad_core.training import CHECKPOINT_FORMAT, TrainState
+
+    def objects(seed: int):
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(3, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        return model, optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+
+    model, optimizer, scheduler = objects(0)
+    usable = np.array([0, 2, 3, 4])
+    state = TrainState.fresh(TrainConfig(seed=3, mining=MiningConfig(num_negatives=2), max_queries_per_epoch=3),
+                             model=model,
+                             optimizer=optimizer, scheduler=scheduler, num_queries=5, usable=usable)
+    assert len(state.query_order) == 3 and set(state.query_order) <= set(usable)
+    assert state.negative_cache.shape == (5, 2) and (state.negative_cache == -1).all()
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    scheduler.step()
+    state.mining_rng.random(4)
+    state.negative_cache[1] = [4, 0]
+    state.epoch, state.position, state.best_recall, state.best_epoch = 2, 1, {1: 0.5, 5: 0.75, 10: 1.0}, 2
+    state.epochs_without_improvement, state.live_step, state.skipped_queries, state.stopped = 1, 7, 3, True
+    state.best_model = {k: v + 1 for k, v in model.state_dict().items()}
+    state.epoch_stats = MiningStats(queries=4, no_positive=1, no_violation=1, violating=5, candidates=6)
+    live = tmp_path / "live"
+    (live / "plots" / "metrics" / "train").mkdir(parents=True)
+    (live / "metrics.json").write_text('{"step": 7}')
+    (live / "plots" / "metrics" / "train" / "loss.tsv").write_text("step\tloss\n0\t1.5\n")
+    save_state(tmp_path / "ckpt.pt", state.to_checkpoint("the-identity", live))
+    after = (torch.rand(3), np.random.rand(3), random.random(), state.mining_rng.random(3))
+
+    model2, optimizer2, scheduler2 = objects(1)  # other weights, no momentum yet: the checkpoint must replace them
+    checkpoint = load_state(tmp_path / "ckpt.pt")  # weights_only=True
+    assert checkpoint["format"] == CHECKPOINT_FORMAT and checkpoint["identity"] == "the-identity"
+    back = TrainState.from_checkpoint(checkpoint, model=model2, optimizer=optimizer2, scheduler=scheduler2,
+                                      live_dir=tmp_path / "live2")
+    drawn = (torch.rand(3), np.random.rand(3), random.random(), back.mining_rng.random(3))
+    assert torch.equal(drawn[0], after[0]) and np.array_equal(drawn[1], after[1]) and drawn[2] == after[2]
+    assert np.array_equal(drawn[3], after[3])
+    assert back.model is model2 and all(torch.equal(v, model.state_dict()[k]) for k, v in model2.state_dict().items())
+    assert torch.equal(optimizer2.state_dict()["state"][0]["momentum_buffer"],
+                       optimizer.state_dict()["state"][0]["momentum_buffer"])
+    assert scheduler2.last_epoch == 1 and optimizer2.param_groups[0]["lr"] == pytest.approx(0.05)
+    assert np.array_equal(back.negative_cache, state.negative_cache)
+    assert np.array_equal(back.query_order, state.query_order)
+    assert (back.epoch, back.position, back.best_recall, back.best_epoch, back.epochs_without_improvement,
+            back.live_step, back.skipped_queries, back.stopped, back.epoch_stats) == \
+        (2, 1, {1: 0.5, 5: 0.75, 10: 1.0}, 2, 1, 7, 3, True, state.epoch_stats)
+    assert back.best_model.keys() == state.best_model.keys()
+    assert all(torch.equal(back.best_model[k], v) for k, v in state.best_model.items())
+    assert {p.relative_to(tmp_path / "live2").as_posix(): p.read_text()
+            for p in (tmp_path / "live2").rglob("*") if p.is_file()} == \
+        {"metrics.json": '{"step": 7}', "plots/metrics/train/loss.tsv": "step\tloss\n0\t1.5\n"}

@@ -13,7 +13,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import NetVLADError
 
-
 # Modes whose samples are wider than 8 bits: scaled to 0..255 by _high_bit_depth_to_8bit, never clipped.
 _HIGH_BIT_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 # Modes with an alpha band (premultiplied ones included); convert("RGBA") un-premultiplies.

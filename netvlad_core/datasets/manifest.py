@@ -76,7 +76,8 @@ class Split:
                 "role": ["database"] * self.num_db + ["query"] * self.num_queries,
                 "utm_east": np.concatenate([self.db_utm[:, 0], self.q_utm[:, 0]]),
                 "utm_north": np.concatenate([self.db_utm[:, 1], self.q_utm[:, 1]]),
-                "timestamp": np.concatenate([ts(self.db_timestamps, self.num_db), ts(self.q_timestamps, self.num_queries)]),
+                "timestamp": np.concatenate([ts(self.db_timestamps, self.num_db),
+                                             ts(self.q_timestamps, self.num_queries)]),
             },
             columns=COLUMNS,
         )
@@ -162,7 +163,8 @@ def _from_csr(indptr: np.ndarray, indices: np.ndarray) -> list[np.ndarray]:
 def _relative_root(image_root: Path, split_dir: Path) -> str:
     root = image_root.resolve()
     try:
-        return os.path.relpath(root, split_dir.resolve()) if root.is_relative_to(split_dir.resolve().parent) else str(root)
+        inside = root.is_relative_to(split_dir.resolve().parent)
+        return os.path.relpath(root, split_dir.resolve()) if inside else str(root)
     except ValueError:
         return str(root)
 

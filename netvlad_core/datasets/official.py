@@ -41,6 +41,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..config import option
 from ..errors import NetVLADError
 from ..io import atomic_path
 from .manifest import Split, write_split
@@ -52,6 +53,25 @@ VG_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 VG_POS_DIST_THR = 25.0
 VG_NON_TRIV_POS_DIST_SQ_THR = 100.0
 DEFAULT_CACHE_NAME = ".netvlad_cache"
+
+
+@dataclass
+class DownloadConfig:
+    """What ``download`` reads (params.yaml group ``download``; the built-in city's size is a ``SyntheticConfig``)."""
+
+    dataset: str = option("synthetic", "Dataset: pitts30k, pitts250k, tokyoTM, tokyo247, vg (benchmark folders) or "
+                          "synthetic (the built-in city).")
+    spec: str | None = option(None, "The dbStruct .mat files: an http(s)/file URL, a local tar/zip archive or a "
+                              "folder holding them (searched recursively); unset: the authors' "
+                              "netvlad_v100_datasets.tar.gz. Not used for vg and synthetic.")
+    image_root: str | None = option(None, "Folder holding the images (distributed separately by the authors); "
+                                    "queries under DIR/queries_real/. For vg: the benchmark's dataset folder.")
+    sha256: str | None = option(None, "Expected sha256 of the spec archive; a mismatch is an error. The digest of "
+                                "every archive used is printed so it can be pinned.")
+    cache_dir: str | None = option(None, "Where downloads are kept (and interrupted ones resumed); unset: "
+                                   "<parent of --out>/.netvlad_cache.")
+    split: list[str] = option([], "Only this split (repeatable), e.g. --split test; none given: every split.")
+    workers: int = option(2, "synthetic: rendering processes.")
 
 
 @dataclass(frozen=True)
@@ -186,7 +206,8 @@ def parse_vg_name(filename: str) -> tuple[float, float]:
     try:
         east, north = float(fields[1]), float(fields[2])
     except ValueError:
-        raise NetVLADError(f"{filename}: UTM east/north fields are not numbers ({fields[1]!r}, {fields[2]!r})") from None
+        raise NetVLADError(f"{filename}: UTM east/north fields are not numbers ({fields[1]!r}, "
+                           f"{fields[2]!r})") from None
     if not (np.isfinite(east) and np.isfinite(north)):
         raise NetVLADError(f"{filename}: UTM coordinates are not finite")
     return east, north
@@ -225,7 +246,8 @@ def vg_split(root: str | os.PathLike, split_name: str, *, dataset: str = "vg") -
     for role in ("database", "queries"):
         folder = split_dir / role
         if not folder.is_dir():
-            raise NetVLADError(f"{folder}: folder not found (VG layout: images/<split>/database and images/<split>/queries)")
+            raise NetVLADError(f"{folder}: folder not found (VG layout: images/<split>/database and "
+                               f"images/<split>/queries)")
         names = _vg_images(folder)
         if not names:
             raise NetVLADError(f"{folder}: no .jpg/.png images")
@@ -404,19 +426,23 @@ def prepare_dataset(
     if not image_root.is_dir():
         raise NetVLADError(f"{image_root}: image root folder not found")
     if _inside(image_root, out_dir):
-        raise NetVLADError(f"{image_root}: the image root lies inside the output folder {out_dir}, which is replaced as a whole")
+        raise NetVLADError(f"{image_root}: the image root lies inside the output folder {out_dir}, which is "
+                           f"replaced as a whole")
 
     spec_dir: Path | None = None
     if info.folder_format:
         if spec is not None or sha256:
-            raise NetVLADError(f"{info.name}: no spec file is used; pass the dataset folder as image_root (--image-root)")
+            raise NetVLADError(f"{info.name}: no spec file is used; pass the dataset folder as image_root "
+                               f"(--image-root)")
     else:
         spec = AUTHORS_SPEC_URL if spec is None else spec
         if "://" not in os.fspath(spec) and _inside(Path(spec), out_dir):
-            raise NetVLADError(f"{spec}: the spec lies inside the output folder {out_dir}, which is replaced as a whole")
+            raise NetVLADError(f"{spec}: the spec lies inside the output folder {out_dir}, which is replaced as a "
+                               f"whole")
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(out_dir)
         if _inside(cache, out_dir):
-            raise NetVLADError(f"{cache}: the cache folder lies inside the output folder {out_dir}, which is replaced as a whole")
+            raise NetVLADError(f"{cache}: the cache folder lies inside the output folder {out_dir}, which is "
+                               f"replaced as a whole")
         spec_dir = resolve_spec_source(spec, cache, sha256=sha256, progress=progress, timeout=timeout, log=log)
 
     loaded = load_splits(info.name, spec_dir=spec_dir, image_root=image_root, splits=splits)
@@ -424,3 +450,27 @@ def prepare_dataset(
         for split in loaded:
             write_split(split, tmp / split.name)
     return [out_dir / split.name for split in loaded]
+
+
+def write_dataset(out_dir: str | os.PathLike, *, cfg: DownloadConfig, city, progress: bool = True,
+                  log: Callable[[str], None] = print, notice: Callable[[str], None] | None = None) -> list[Path]:
+    """The ``download`` stage: dataset ``cfg.dataset`` as split folders under ``out_dir``
+    (:func:`prepare_dataset`; the built-in city, rendered from ``city``, a ``SyntheticConfig``, by
+    ``prepare_synthetic_dataset``); logs one line per split written, and passes the downloads' notices (the
+    sha256 of every archive) to ``notice``. Returns the split folders."""
+    from ..io import read_json
+
+    info = get_dataset(cfg.dataset)
+    if info.name == "synthetic":
+        from .synthetic import prepare_synthetic_dataset
+
+        paths = prepare_synthetic_dataset(city, out_dir, splits=cfg.split or None, workers=cfg.workers,
+                                          progress=progress)
+    else:
+        paths = prepare_dataset(info.name, out_dir, spec=cfg.spec, image_root=cfg.image_root, sha256=cfg.sha256,
+                                cache_dir=cfg.cache_dir, splits=cfg.split or None, progress=progress, log=notice)
+    for path in paths:
+        meta = read_json(path / "split.json")
+        log(f"download: {meta['dataset']} {meta['split']}: {meta['num_db']} database images, "
+            f"{meta['num_queries']} queries → {path}")
+    return paths

@@ -147,7 +147,8 @@ def read_dbstruct(path: str | Path) -> DBStruct:
     except (MatReadError, ValueError, OSError, TypeError) as e:
         raise NetVLADError(f"{path}: not a readable MATLAB .mat file ({e})") from None
     if "dbStruct" not in mat:
-        raise NetVLADError(f"{path}: no 'dbStruct' variable (found: {', '.join(k for k in mat if not k.startswith('__')) or 'none'})")
+        found = ", ".join(k for k in mat if not k.startswith("__")) or "none"
+        raise NetVLADError(f"{path}: no 'dbStruct' variable (found: {found})")
     raw = mat["dbStruct"]
     try:
         fields = raw.item()

