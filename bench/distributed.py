@@ -56,7 +56,7 @@ def worker(args: argparse.Namespace) -> None:
             model(torch.zeros(args.batch_size, 3, model_cfg.input_height, model_cfg.input_width))
         barrier(dist)
         t0 = time.perf_counter()
-        extract_split_features(model, model_cfg.to_dict(), split, args.out, device=dist.device, cfg=cfg,
+        extract_split_features(model, model_cfg, split, args.out, device=dist.device, cfg=cfg,
                                progress=False, dist=dist)
         barrier(dist)
         seconds = time.perf_counter() - t0

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
             bare = len(images) / (time.perf_counter() - t0)
         fcfg = FeatureConfig(batch_size=args.batch_size, num_workers=args.workers)
         t0 = time.perf_counter()
-        extract_split_features(model, cfg.to_dict(), split, Path(tmp) / "f.h5", device=torch.device("cpu"),
+        extract_split_features(model, cfg, split, Path(tmp) / "f.h5", device=torch.device("cpu"),
                                cfg=fcfg, progress=False)
         full = len(images) / (time.perf_counter() - t0)
     print(f"{args.images} images 320x240, batch {args.batch_size}, {args.workers} decode workers, "

@@ -67,8 +67,6 @@ def run(num_db: int, num_queries: int, steps: int, device_name: str, reps: int, 
         split_dir = _make_split(Path(tmp), num_db, num_queries, model_cfg.input_width, model_cfg.input_height)
         split, gt = load_split(split_dir), load_ground_truth(split_dir)
         model = prepare_model(build_model(model_cfg), device).eval()
-        dims = {"height": model_cfg.input_height, "width": model_cfg.input_width, "mean": list(model_cfg.mean),
-                "std": list(model_cfg.std)}
         files = split.db_files() + split.query_files()
         block = np.arange(split.num_queries)
         out_dim = model.out_dim
@@ -76,8 +74,8 @@ def run(num_db: int, num_queries: int, steps: int, device_name: str, reps: int, 
                                  float16=device.type == "cuda")
 
         def plain() -> None:
-            encode_images(model, files, height=dims["height"], width=dims["width"], mean=dims["mean"],
-                          std=dims["std"], device=device, cfg=feat_cfg, progress=False)
+            encode_images(model, files, height=model_cfg.input_height, width=model_cfg.input_width,
+                          mean=model_cfg.mean, std=model_cfg.std, device=device, cfg=feat_cfg, progress=False)
 
         db_cache = allocate_cache(split.num_db, out_dim, cache_dtype(device), None)
         neg_cache = empty_negative_cache(split.num_queries, cfg.num_negatives)
@@ -88,11 +86,11 @@ def run(num_db: int, num_queries: int, steps: int, device_name: str, reps: int, 
         mine_seconds: list[float] = []
 
         def refresh() -> None:
-            encode_into(model, split.db_files(), db_cache, dims=dims, device=device, batch_size=cfg.encode_batch_size,
-                        num_workers=workers, amp=cfg.amp)
+            encode_into(model, split.db_files(), db_cache, model_cfg=model_cfg, device=device,
+                        batch_size=cfg.encode_batch_size, num_workers=workers, amp=cfg.amp)
             q_cache = encode_into(model, split.query_files(), np.empty((len(block), out_dim), cache_dtype(device)),
-                                  dims=dims, device=device, batch_size=cfg.encode_batch_size, num_workers=workers,
-                                  amp=cfg.amp)
+                                  model_cfg=model_cfg, device=device, batch_size=cfg.encode_batch_size,
+                                  num_workers=workers, amp=cfg.amp)
             t = time.perf_counter()
             mined_holder["mined"], _ = mine_triplets(block, q_cache, db_cache, train_positives=gt.train_positives,
                                                      positives=gt.positives, negative_cache=neg_cache,
@@ -113,7 +111,7 @@ def run(num_db: int, num_queries: int, steps: int, device_name: str, reps: int, 
             raise SystemExit("bench.training: too few full batches; raise --queries")
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        loader = list(DataLoader(TripletBatches(batches, split, dims), batch_size=None, num_workers=0))
+        loader = list(DataLoader(TripletBatches(batches, split, model_cfg), batch_size=None, num_workers=0))
         _train_step(model, optimizer, None, *loader[0], device, cfg)  # warm-up
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -129,7 +127,7 @@ def run(num_db: int, num_queries: int, steps: int, device_name: str, reps: int, 
         peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _peak_rss_mib())
         images_per_step = int(loader[1][0].shape[0])
         # decoding the step's images (a DataLoader worker's job in the loop) is timed apart from the step
-        t_decode = _median_time(lambda: TripletBatches(batches[:1], split, dims)[0], reps, device)
+        t_decode = _median_time(lambda: TripletBatches(batches[:1], split, model_cfg)[0], reps, device)
         return {
             "device": str(device), "num_db": num_db, "num_queries": num_queries, "dim": out_dim,
             "plain_s": t_plain, "plain_img_s": len(files) / t_plain, "refresh_s": t_refresh,

@@ -6,7 +6,7 @@ import json
 import math
 import os
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +19,7 @@ from .device import autocast, prepare_model, to_device
 from .distributed import DistContext, barrier, gather_batch, num_rounds, pad_rounds, shard_indices
 from .errors import NetVLADError, NetVLADWarning
 from .io import atomic_h5, atomic_path
+from .models.build import ModelConfig
 
 
 @dataclass
@@ -82,7 +83,7 @@ def plan_locations(num_images: int, per_image: int, total: int, locations: int, 
 
 
 @torch.no_grad()
-def sample_descriptors(model, model_config: dict, split: Split, out_h5: str | os.PathLike, *,
+def sample_descriptors(model, model_cfg: ModelConfig, split: Split, out_h5: str | os.PathLike, *,
                        device: torch.device, cfg: SampleConfig, progress: bool = True,
                        dist: DistContext | None = None) -> Path:
     """Sample ``cfg.num_descriptors`` local descriptors, ``cfg.per_image`` per image, from randomly chosen
@@ -97,7 +98,7 @@ def sample_descriptors(model, model_config: dict, split: Split, out_h5: str | os
     from .features import image_loader
 
     cfg.validate()
-    h, w = model_config["input_height"], model_config["input_width"]
+    h, w = model_cfg.input_height, model_cfg.input_width
     model = prepare_model(model, device).eval()
     with torch.inference_mode():
         probe = model.local_descriptors(torch.zeros(1, 3, h, w, device=device))
@@ -120,7 +121,7 @@ def sample_descriptors(model, model_config: dict, split: Split, out_h5: str | os
     offsets, picks = plan_locations(len(files), per_image, total, locations, cfg.seed + 1)
     distributed = dist is not None and dist.enabled
     mine = shard_indices(len(files), dist.rank, dist.world_size, block=cfg.batch_size) if distributed else None
-    loader = image_loader(files, height=h, width=w, mean=model_config["mean"], std=model_config["std"],
+    loader = image_loader(files, height=h, width=w, mean=model_cfg.mean, std=model_cfg.std,
                           batch_size=cfg.batch_size, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
                           indices=mine, min_side=int(getattr(model, "stride", None) or 1))
     is_main = dist is None or dist.is_main
@@ -160,7 +161,7 @@ def sample_descriptors(model, model_config: dict, split: Split, out_h5: str | os
         with atomic_h5(out_h5) as f:
             f.create_dataset("descriptors", data=descriptors)
             f.create_dataset("image_indices", data=image_indices)
-            f.attrs["model"] = json.dumps(model_config, sort_keys=True)
+            f.attrs["model"] = json.dumps(model_cfg.to_dict(), sort_keys=True)
             f.attrs["sample_config"] = json.dumps(asdict(cfg), sort_keys=True)
             f.attrs["split"] = split.name
             f.attrs["dataset"] = split.dataset
@@ -170,8 +171,9 @@ def sample_descriptors(model, model_config: dict, split: Split, out_h5: str | os
     return Path(out_h5)
 
 
-def read_descriptors(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
-    """``(descriptors float32, model config)`` from a file written by :func:`sample_descriptors`."""
+def read_descriptors(path: str | os.PathLike) -> tuple[np.ndarray, ModelConfig]:
+    """``(descriptors float32, the model config that sampled them)`` from a file written by
+    :func:`sample_descriptors`."""
     import h5py
 
     path = Path(path)
@@ -182,7 +184,7 @@ def read_descriptors(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
             if "descriptors" not in f or "model" not in f.attrs:
                 raise NetVLADError(f"{path}: not a descriptor sample (no 'descriptors' dataset or 'model' attribute)")
             descriptors = f["descriptors"][()].astype(np.float32, copy=False)
-            model_config = json.loads(f.attrs["model"])
+            recorded = json.loads(f.attrs["model"])
     except OSError as e:
         raise NetVLADError(f"{path}: not a readable HDF5 file ({e})") from None
     if descriptors.ndim != 2 or descriptors.shape[0] == 0 or descriptors.shape[1] == 0:
@@ -191,7 +193,11 @@ def read_descriptors(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
     if bad.any():
         raise NetVLADError(f"{path}: {int(bad.sum())} descriptor rows contain NaN or inf (first: row "
                            f"{int(np.flatnonzero(bad)[0])}); rerun `sample`")
-    return descriptors, model_config
+    try:
+        model_cfg = ModelConfig.from_dict(recorded)
+    except NetVLADError as e:
+        raise NetVLADError(f"{path}: {e}") from None
+    return descriptors, model_cfg
 
 
 def kmeans(descriptors: np.ndarray, num_clusters: int, cfg: KMeansConfig, *, progress: bool = True) -> np.ndarray:
@@ -211,11 +217,12 @@ def kmeans(descriptors: np.ndarray, num_clusters: int, cfg: KMeansConfig, *, pro
     return km.centroids.astype(np.float32)
 
 
-def write_centroids(path: str | os.PathLike, centroids: np.ndarray, *, model_config: dict, cfg: KMeansConfig) -> Path:
+def write_centroids(path: str | os.PathLike, centroids: np.ndarray, *, model_cfg: ModelConfig,
+                    cfg: KMeansConfig) -> Path:
     path = Path(path)
     with atomic_h5(path) as f:
         f.create_dataset("centroids", data=centroids.astype(np.float32))
-        f.attrs["model"] = json.dumps(model_config, sort_keys=True)
+        f.attrs["model"] = json.dumps(model_cfg.to_dict(), sort_keys=True)
         f.attrs["kmeans_config"] = json.dumps(asdict(cfg), sort_keys=True)
     return path
 
@@ -233,14 +240,15 @@ def initial_model(descriptors_h5: str | os.PathLike, *, centroids_out: str | os.
     import contextlib
 
     from .io import distinct_paths
-    from .models import ModelConfig, build_model, save_model
+    from .models import build_model, save_model
     from .models.build import HEAD_FIELDS
 
     centroids_out, model_out = Path(centroids_out), Path(model_out)
     distinct_paths({"--descriptors": descriptors_h5}, {"--centroids-out": centroids_out, "--model-out": model_out})
     cfg.validate()
-    desc, model_dict = read_descriptors(descriptors_h5)
-    model_cfg = ModelConfig.from_dict({**model_dict, **{k: getattr(head, k) for k in HEAD_FIELDS}})
+    desc, sampled_cfg = read_descriptors(descriptors_h5)
+    model_cfg = replace(sampled_cfg, **{k: getattr(head, k) for k in HEAD_FIELDS})
+    model_cfg.validate()
     if model_cfg.pooling == "netvlad" and not 2 <= model_cfg.num_clusters <= len(desc):
         raise NetVLADError(f"num-clusters must be between 2 and the {len(desc)} sampled descriptors, got "
                            f"{model_cfg.num_clusters}")
@@ -253,7 +261,7 @@ def initial_model(descriptors_h5: str | os.PathLike, *, centroids_out: str | os.
     with contextlib.ExitStack() as stack:  # both written to temporary names first, renamed only if both succeed
         tmp_centroids = stack.enter_context(atomic_path(centroids_out))
         tmp_model = stack.enter_context(atomic_path(model_out))
-        write_centroids(tmp_centroids, centroids, model_config=model_cfg.to_dict(), cfg=cfg)
+        write_centroids(tmp_centroids, centroids, model_cfg=model_cfg, cfg=cfg)
         save_model(tmp_model, model, model_cfg)
     if log is not None:
         log(f"kmeans: {centroids.shape[0]} centroids -> {centroids_out}; model -> {model_out}")
@@ -265,8 +273,6 @@ def write_descriptor_sample(split_dir: str | os.PathLike, out_h5: str | os.PathL
     """The ``sample`` stage: build the backbone ``trunk`` describes (a ``ModelConfig``; its random initialisation,
     with weights none, drawn from ``cfg.seed``), sample local descriptors from the split in ``split_dir``
     (:func:`sample_descriptors`; under torchrun sharded) into ``out_h5``; logs one summary line."""
-    from dataclasses import replace
-
     from .datasets.manifest import load_split
     from .distributed import broadcast_module, distributed_session, local_main_first
     from .models import build_model
@@ -279,7 +285,7 @@ def write_descriptor_sample(split_dir: str | os.PathLike, out_h5: str | os.PathL
         with local_main_first(dist):  # one process per node fills the weights cache, the others then read it
             model = build_model(model_cfg)
         broadcast_module(model, dist)  # the same weights on every rank (weights none: random initialisation)
-        sample_descriptors(model, model_cfg.to_dict(), split, out_h5, device=dist.device, cfg=cfg,
+        sample_descriptors(model, model_cfg, split, out_h5, device=dist.device, cfg=cfg,
                            progress=run.progress, dist=dist)
         if dist.is_main:
             log(f"sample: {out_h5} ({cfg.num_descriptors} descriptors requested from {split.name}, backbone "

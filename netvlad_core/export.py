@@ -21,6 +21,7 @@ import torch
 from .config import option
 from .errors import NetVLADError
 from .io import atomic_path
+from .models.build import ModelConfig
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "descriptors"
@@ -64,7 +65,7 @@ def _export_bytes(model: torch.nn.Module, example: torch.Tensor, opset: int) -> 
     return buffer.getvalue()
 
 
-def export_onnx(model: torch.nn.Module, model_config: dict, out: str | os.PathLike, *, opset: int = 17,
+def export_onnx(model: torch.nn.Module, model_cfg: ModelConfig, out: str | os.PathLike, *, opset: int = 17,
                 tolerance: float = 1e-4, check_batch: int = 3, seed: int = 0) -> ExportReport:
     """Export ``model`` (CPU, float32, eval mode) to ``out`` and check it with onnxruntime.
 
@@ -79,7 +80,7 @@ def export_onnx(model: torch.nn.Module, model_config: dict, out: str | os.PathLi
         raise NetVLADError(f"opset must be at least 9, got {opset}")
     if check_batch < 1:
         raise NetVLADError(f"check batch must be at least 1, got {check_batch}")
-    height, width = int(model_config["input_height"]), int(model_config["input_width"])
+    height, width = int(model_cfg.input_height), int(model_cfg.input_width)
     model = model.to("cpu", torch.float32).eval()
     generator = torch.Generator().manual_seed(seed)
     example = torch.randn(2, 3, height, width, generator=generator)
@@ -91,7 +92,7 @@ def export_onnx(model: torch.nn.Module, model_config: dict, out: str | os.PathLi
         raise NetVLADError(f"ONNX export (opset {opset}) failed: {first}") from None
     proto = onnx.load_from_string(data)
     entry = proto.metadata_props.add()
-    entry.key, entry.value = CONFIG_METADATA_KEY, json.dumps(model_config, sort_keys=True)
+    entry.key, entry.value = CONFIG_METADATA_KEY, json.dumps(model_cfg.to_dict(), sort_keys=True)
     data = proto.SerializeToString()
     del proto
 
@@ -122,7 +123,7 @@ def export_model_file(model_file: str | os.PathLike, out: str | os.PathLike, *, 
     distinct_paths({"--model": model_file}, {"--out": out})
     cfg.validate()
     net, model_cfg = load_model(model_file)
-    report = export_onnx(net, model_cfg.to_dict(), out, opset=cfg.opset, tolerance=cfg.tolerance)
+    report = export_onnx(net, model_cfg, out, opset=cfg.opset, tolerance=cfg.tolerance)
     log(f"export: {model_cfg.input_width}x{model_cfg.input_height} images -> {report.out_dim}-D descriptors, "
         f"opset {report.opset}, max |onnxruntime - pytorch| = {report.max_abs_diff:.2e} -> {report.path}")
     return report

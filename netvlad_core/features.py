@@ -39,6 +39,7 @@ from .device import autocast, prepare_model, to_device
 from .distributed import DistContext, barrier, broadcast_object, gather_batch, num_rounds, pad_rounds, shard_indices
 from .errors import NetVLADError
 from .io import disk_full_error, ensure_free_space, is_disk_full, reserve_space
+from .models.build import ModelConfig
 
 
 @dataclass
@@ -175,7 +176,7 @@ def _partial_path(out_h5: Path) -> Path:
     return out_h5.with_name(f".{out_h5.name}.partial")
 
 
-def extract_split_features(model, model_config: dict, split: Split, out_h5: str | os.PathLike, *,
+def extract_split_features(model, model_cfg: ModelConfig, split: Split, out_h5: str | os.PathLike, *,
                            device: torch.device, cfg: FeatureConfig, progress: bool = True,
                            dist: DistContext | None = None) -> Path:
     """Encode every database and query image of ``split`` with ``model`` into ``out_h5`` (resumable: a partial file
@@ -202,9 +203,9 @@ def extract_split_features(model, model_config: dict, split: Split, out_h5: str 
     identity = json.dumps({"model": fingerprint, "split": split.name, "dataset": split.dataset,
                            "split_fingerprint": split_fingerprint(split, files=True), "num_db": split.num_db,
                            "num_queries": split.num_queries, "dim": dim, "dtype": np.dtype(dtype).name,
-                           "height": model_config["input_height"], "width": model_config["input_width"],
-                           "mean": [float(v) for v in model_config["mean"]],
-                           "std": [float(v) for v in model_config["std"]]}, sort_keys=True) if is_main else None
+                           "height": model_cfg.input_height, "width": model_cfg.input_width,
+                           "mean": [float(v) for v in model_cfg.mean],
+                           "std": [float(v) for v in model_cfg.std]}, sort_keys=True) if is_main else None
     committed = False  # whether the partial file holds rows a rerun can resume from
     try:
         with contextlib.ExitStack() as stack:
@@ -241,9 +242,9 @@ def extract_split_features(model, model_config: dict, split: Split, out_h5: str 
                 if done >= len(files):
                     continue
                 dset = h5[role] if h5 is not None else None
-                rounds = encode_rounds(model, files, height=model_config["input_height"],
-                                       width=model_config["input_width"], mean=model_config["mean"],
-                                       std=model_config["std"], device=device, batch_size=cfg.batch_size,
+                rounds = encode_rounds(model, files, height=model_cfg.input_height,
+                                       width=model_cfg.input_width, mean=model_cfg.mean,
+                                       std=model_cfg.std, device=device, batch_size=cfg.batch_size,
                                        num_workers=cfg.num_workers, amp=cfg.amp, dist=dist, start=done)
                 with tqdm(total=len(files), initial=done, desc=f"{split.name} {role}", unit="img",
                           disable=not show) as bar:
@@ -266,7 +267,7 @@ def extract_split_features(model, model_config: dict, split: Split, out_h5: str 
             if h5 is not None:
                 h5.attrs["split"] = split.name
                 h5.attrs["dataset"] = split.dataset
-                h5.attrs["model"] = json.dumps(model_config, sort_keys=True)
+                h5.attrs["model"] = json.dumps(model_cfg.to_dict(), sort_keys=True)
                 h5.attrs["model_fingerprint"] = fingerprint
                 h5.attrs["dim"] = dim
                 h5.attrs["dtype"] = np.dtype(dtype).name
@@ -303,7 +304,7 @@ def write_split_features(model_file: str | os.PathLike, split_dir: str | os.Path
     split = load_split(split_dir)
     net, model_cfg = load_model(model_file)
     with distributed_session(run.device, run.dist_timeout) as dist:
-        extract_split_features(net, model_cfg.to_dict(), split, out_h5, device=dist.device, cfg=cfg,
+        extract_split_features(net, model_cfg, split, out_h5, device=dist.device, cfg=cfg,
                                progress=run.progress, dist=dist)
         if dist.is_main:
             log(f"features: {split.num_db} database + {split.num_queries} query descriptors -> {out_h5}"

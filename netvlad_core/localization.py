@@ -25,6 +25,7 @@ from .datasets.images import load_image
 from .datasets.manifest import Split, load_split
 from .device import prepare_model
 from .errors import NetVLADError, NetVLADWarning
+from .models.build import ModelConfig
 from .retrieval import WEIGHTINGS, estimate_positions, search
 
 
@@ -132,13 +133,13 @@ def _read_images(files: Sequence[Path], height: int, width: int, mean, std, *, m
 
 
 @torch.inference_mode()
-def localize(model: torch.nn.Module, model_config: dict, images: Sequence[str | os.PathLike],
+def localize(model: torch.nn.Module, model_cfg: ModelConfig, images: Sequence[str | os.PathLike],
              database_h5: str | os.PathLike, split_dir: str | os.PathLike, *, device: torch.device,
              cfg: LocalizeConfig | None = None) -> tuple[list[Localization], list[ImageFailure]]:
     """Answer every readable photo in ``images``: its ``cfg.top_k`` nearest database images of the split in
     ``split_dir`` (searched in ``database_h5``) and a position estimate; unreadable photos come back as failures.
 
-    ``model_config`` gives the input size and normalisation (``input_height``, ``input_width``, ``mean``, ``std``).
+    ``model_cfg`` gives the input size and normalisation (``input_height``, ``input_width``, ``mean``, ``std``).
     The model runs in float32. Errors in the model, the features file or the split raise :class:`NetVLADError`.
     """
     cfg = cfg or LocalizeConfig()
@@ -151,9 +152,9 @@ def localize(model: torch.nn.Module, model_config: dict, images: Sequence[str | 
     model = prepare_model(model, device).eval()
     db = load_database(database_h5, split, model)
 
-    height, width = int(model_config["input_height"]), int(model_config["input_width"])
-    good, failures = _read_images([Path(p) for p in images], height, width, model_config["mean"],
-                                  model_config["std"], min_side=int(getattr(model, "stride", None) or 1))
+    height, width = int(model_cfg.input_height), int(model_cfg.input_width)
+    good, failures = _read_images([Path(p) for p in images], height, width, model_cfg.mean,
+                                  model_cfg.std, min_side=int(getattr(model, "stride", None) or 1))
     if not good:
         return [], failures
     descriptors = []
@@ -204,7 +205,7 @@ def localize_files(model_file: str | os.PathLike, images: Sequence[str | os.Path
     from .models import load_model
 
     net, model_cfg = load_model(model_file)
-    results, failures = localize(net, model_cfg.to_dict(), images, database_h5, split_dir,
+    results, failures = localize(net, model_cfg, images, database_h5, split_dir,
                                  device=select_device(device), cfg=cfg)
     errors = [f"error: {failure.message}" for failure in failures]
     text = results_json(results) if as_json else "\n".join(format_localization(r) for r in results)

@@ -80,6 +80,7 @@ from .errors import NetVLADError
 from .features import encode_rounds, model_fingerprint
 from .io import load_state, save_state
 from .mining import MiningConfig, MiningStats, Triplets, batch_loss, batch_loss_sum, empty_negative_cache, mine_triplets
+from .models.build import ModelConfig
 
 CHECKPOINT_NAME = "train_state.pt"
 CHECKPOINT_FORMAT = 2  # 2: the DVCLive history travels with the checkpoint ("live_files")
@@ -197,15 +198,9 @@ def train_model_file(init_model: str | os.PathLike, train_split_dir: str | os.Pa
     return result
 
 
-def _model_dims(model_cfg) -> dict:
-    d = model_cfg.to_dict()
-    return {"height": int(d["input_height"]), "width": int(d["input_width"]),
-            "mean": list(d["mean"]), "std": list(d["std"])}
-
-
 # ---------------------------------------------------------------------------------------------- descriptor cache
 
-def encode_into(model: torch.nn.Module, files: Sequence[Path], out: np.ndarray | None, *, dims: dict,
+def encode_into(model: torch.nn.Module, files: Sequence[Path], out: np.ndarray | None, *, model_cfg: ModelConfig,
                 device: torch.device, batch_size: int, num_workers: int, amp: str, progress: bool = False,
                 desc: str = "cache", dist: DistContext | None = None) -> np.ndarray | None:
     """Encode ``files`` into the rows of ``out`` (an array or memmap of the cache dtype) with the batched encoder.
@@ -217,8 +212,8 @@ def encode_into(model: torch.nn.Module, files: Sequence[Path], out: np.ndarray |
 
     show = progress and (dist is None or dist.is_main)
     with tqdm(total=len(files), desc=desc, unit="img", leave=False, disable=not show) as bar:
-        for idx, batch in encode_rounds(model, files, height=dims["height"], width=dims["width"], mean=dims["mean"],
-                                        std=dims["std"], device=device, batch_size=batch_size,
+        for idx, batch in encode_rounds(model, files, height=model_cfg.input_height, width=model_cfg.input_width,
+                                        mean=model_cfg.mean, std=model_cfg.std, device=device, batch_size=batch_size,
                                         num_workers=num_workers, amp=amp, dist=dist):
             if out is not None:
                 out[idx] = batch.astype(out.dtype, copy=False)
@@ -259,10 +254,10 @@ class TripletBatches(Dataset):
     the number of negatives of each query. Images with a side under ``min_side`` pixels (the model's stride) are
     refused."""
 
-    def __init__(self, batches: list[list[Triplets]], split: Split, dims: dict, *, min_side: int = 1):
+    def __init__(self, batches: list[list[Triplets]], split: Split, model_cfg: ModelConfig, *, min_side: int = 1):
         self.batches = batches
         self.db_files, self.q_files = split.db_files(), split.query_files()
-        self.dims = dims
+        self.model_cfg = model_cfg
         self.min_side = int(min_side)
 
     def __len__(self) -> int:
@@ -277,8 +272,8 @@ class TripletBatches(Dataset):
         return checked_loader(self, batch_size=None, shuffle=False, num_workers=num_workers, pin_memory=pin_memory)
 
     def _load(self, path: Path) -> torch.Tensor:
-        d = self.dims
-        return load_image(path, d["height"], d["width"], d["mean"], d["std"], min_side=self.min_side)
+        m = self.model_cfg
+        return load_image(path, m.input_height, m.input_width, m.mean, m.std, min_side=self.min_side)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         images, counts = [], []
@@ -293,7 +288,7 @@ class TripletBatches(Dataset):
 # -------------------------------------------------------------------------------------------------- validation
 
 def validate_recall(model: torch.nn.Module, split: Split, gt: GroundTruth, *, device: torch.device, batch_size: int,
-                    num_workers: int, amp: str, dims: dict, progress: bool = False,
+                    num_workers: int, amp: str, model_cfg: ModelConfig, progress: bool = False,
                     dist: DistContext | None = None) -> dict[int, float]:
     """recall@1/5/10 of ``model`` on ``split`` (exact faiss search over freshly encoded descriptors). Under
     torchrun the encoding is sharded, rank 0 searches and every rank returns rank 0's figures."""
@@ -301,10 +296,10 @@ def validate_recall(model: torch.nn.Module, split: Split, gt: GroundTruth, *, de
 
     keep = dist is None or dist.is_main
     db = encode_into(model, split.db_files(), np.empty((split.num_db, model.out_dim), np.float32) if keep else None,
-                     dims=dims, device=device, batch_size=batch_size, num_workers=num_workers, amp=amp,
+                     model_cfg=model_cfg, device=device, batch_size=batch_size, num_workers=num_workers, amp=amp,
                      progress=progress, desc="val db", dist=dist)
     q = encode_into(model, split.query_files(),
-                    np.empty((split.num_queries, model.out_dim), np.float32) if keep else None, dims=dims,
+                    np.empty((split.num_queries, model.out_dim), np.float32) if keep else None, model_cfg=model_cfg,
                     device=device, batch_size=batch_size, num_workers=num_workers, amp=amp, progress=progress,
                     desc="val queries", dist=dist)
     recall = None
@@ -534,7 +529,7 @@ class _Run:
     cfg: TrainConfig
     device: torch.device
     dist: DistContext | None
-    dims: dict
+    model_cfg: ModelConfig
     train_split: Split
     train_gt: GroundTruth
     val_split: Split
@@ -636,8 +631,9 @@ def _refresh_and_mine(run: _Run, state: TrainState, block: np.ndarray) -> list[T
     if run.db_cache is None and run.is_main:  # under torchrun only rank 0 keeps the cache and mines
         run.db_cache = allocate_cache(split.num_db, out_dim, dtype, run.memmap_path)
     query_files = split.query_files()
-    encode = functools.partial(encode_into, model, dims=run.dims, device=run.device, batch_size=cfg.encode_batch_size,
-                               num_workers=cfg.workers, amp=cfg.amp, progress=run.show, dist=run.dist)
+    encode = functools.partial(encode_into, model, model_cfg=run.model_cfg, device=run.device,
+                               batch_size=cfg.encode_batch_size, num_workers=cfg.workers, amp=cfg.amp,
+                               progress=run.show, dist=run.dist)
     encode(split.db_files(), run.db_cache, desc="cache db")
     q_cache = encode([query_files[i] for i in block], np.empty((len(block), out_dim), dtype) if run.is_main else None,
                      desc="cache queries")
@@ -662,7 +658,7 @@ def _train_block(run: _Run, state: TrainState, mined: list[Triplets | None], bar
     parts = [[b[i] for i in shard_indices(len(b), run.dist.rank, run.dist.world_size)] for b in batches] \
         if run.distributed else batches
     nonempty = [p for p in parts if p]
-    loaded = iter(TripletBatches(nonempty, run.train_split, run.dims,
+    loaded = iter(TripletBatches(nonempty, run.train_split, run.model_cfg,
                                  min_side=int(getattr(state.model, "stride", None) or 1)).loader(
         num_workers=min(cfg.workers, len(nonempty)), pin_memory=run.device.type == "cuda"))
     for group, triplets, part in zip(groups, batches, parts):
@@ -686,8 +682,8 @@ def _end_epoch(run: _Run, state: TrainState) -> None:
     stats = state.epoch_stats
     state.skipped_queries += stats.skipped
     recall = validate_recall(state.model, run.val_split, run.val_gt, device=run.device,
-                             batch_size=cfg.encode_batch_size, num_workers=cfg.workers, amp=cfg.amp, dims=run.dims,
-                             progress=run.show, dist=run.dist)
+                             batch_size=cfg.encode_batch_size, num_workers=cfg.workers, amp=cfg.amp,
+                             model_cfg=run.model_cfg, progress=run.show, dist=run.dist)
     _log_row(run, state, {**{f"val/recall@{n}": r for n, r in recall.items()},
                           "train/skipped_queries": stats.skipped,
                           "train/epoch_violating_fraction": stats.violating_fraction, "epoch": state.epoch + 1})
@@ -761,7 +757,6 @@ def train(
     say = log if is_main else (lambda msg: None)
     out, live_dir, checkpoint_dir = Path(out), Path(live_dir), Path(checkpoint_dir)
     usable = _check_inputs(out, live_dir, checkpoint_dir, train_split, train_gt, val_split, val_gt)
-    dims = _model_dims(model_cfg)
     model = prepare_model(model, device).eval()
     # only rank 0 reads and writes checkpoints, so only it stats the image files for the identity
     identity = run_identity(cfg, model_cfg, model_fingerprint(model), train_split, val_split, device) \
@@ -786,10 +781,10 @@ def train(
     del checkpoint
     live = Live(dir=str(live_dir), resume=resumed, save_dvc_exp=False, dvcyaml=None) if is_main else _NoLive()
     live.step = state.live_step
-    step = _step_function(model, optimizer, scaler, cfg, device, dims, dist)  # builds the DDP model, once
+    step = _step_function(model, optimizer, scaler, cfg, device, model_cfg, dist)  # builds the DDP model, once
     if not resumed:
         live.log_params({k: v for k, v in asdict(cfg).items()})
-    run = _Run(cfg=cfg, device=device, dist=dist, dims=dims, train_split=train_split, train_gt=train_gt,
+    run = _Run(cfg=cfg, device=device, dist=dist, model_cfg=model_cfg, train_split=train_split, train_gt=train_gt,
                val_split=val_split, val_gt=val_gt, usable=usable, step=step, live=live, live_dir=live_dir,
                checkpoint_path=checkpoint_path, identity=identity, say=say, show=progress and is_main)
 
@@ -827,8 +822,8 @@ def _backward_and_step(loss: torch.Tensor, optimizer, scaler) -> None:
         optimizer.step()
 
 
-def _step_function(model: torch.nn.Module, optimizer, scaler, cfg: TrainConfig, device: torch.device, dims: dict,
-                   dist: DistContext | None) -> TrainStep:
+def _step_function(model: torch.nn.Module, optimizer, scaler, cfg: TrainConfig, device: torch.device,
+                   model_cfg: ModelConfig, dist: DistContext | None) -> TrainStep:
     """The step of a run, chosen once: :func:`_train_step` in a single process; under torchrun
     :func:`_distributed_train_step` on the model wrapped (here, once) by :func:`_wrap_ddp`."""
     if dist is None or not dist.enabled:
@@ -839,7 +834,7 @@ def _step_function(model: torch.nn.Module, optimizer, scaler, cfg: TrainConfig, 
     ddp_model = _wrap_ddp(model, device)
 
     def distributed_step(images, counts, triplets):
-        return _distributed_train_step(ddp_model, optimizer, scaler, images, counts, device, cfg, dims=dims,
+        return _distributed_train_step(ddp_model, optimizer, scaler, images, counts, device, cfg, model_cfg=model_cfg,
                                        dist=dist, num_triplets=sum(len(t.negatives) for t in triplets))
 
     return distributed_step
@@ -869,7 +864,7 @@ def _sum_gradients(state, bucket):
 
 
 def _distributed_train_step(ddp_model, optimizer, scaler, images: torch.Tensor | None, counts: torch.Tensor | None,
-                            device: torch.device, cfg: TrainConfig, *, dims: dict, dist: DistContext,
+                            device: torch.device, cfg: TrainConfig, *, model_cfg: ModelConfig, dist: DistContext,
                             num_triplets: int) -> float:
     """One optimisation step of a global batch under DistributedDataParallel: this rank's queries (``images``,
     ``counts``; ``None`` when the batch has fewer queries than there are ranks) give the loss
@@ -880,7 +875,7 @@ def _distributed_train_step(ddp_model, optimizer, scaler, images: torch.Tensor |
         # Nothing to train on here, but every rank must join the gradient all-reduce: one blank image whose
         # output is multiplied by 0 gives every trainable parameter a zero gradient.
         with autocast(device, cfg.amp):
-            desc = ddp_model(to_device(torch.zeros(1, 3, dims["height"], dims["width"]), device))
+            desc = ddp_model(to_device(torch.zeros(1, 3, model_cfg.input_height, model_cfg.input_width), device))
         local = desc.float().sum() * 0.0
     else:
         with autocast(device, cfg.amp):

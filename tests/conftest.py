@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from netvlad_core.datasets.manifest import Split, write_split
+from netvlad_core.models import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,4 +64,5 @@ def tiny_split(tmp_path: Path) -> Path:
     return make_split(tmp_path)
 
 
-TINY_MODEL_CONFIG = {"input_height": 48, "input_width": 64, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+# The input size and normalisation of TinyModel (the rest of the config is not used by it)
+TINY_MODEL_CONFIG = ModelConfig(backbone="resnet18_layer3", weights="none", input_height=48, input_width=64)

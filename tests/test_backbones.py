@@ -432,7 +432,7 @@ def test_sample_stage_seed_gives_the_same_random_backbone_and_records_it(tmp_pat
     first, config = sample("a", 3)
     again, _ = sample("b", 3)
     other, other_config = sample("c", 4)
-    assert config["init_seed"] == 3 and other_config["init_seed"] == 4
+    assert config.init_seed == 3 and other_config.init_seed == 4
     assert np.array_equal(first, again), "same params, same random backbone, same descriptors"
     assert not np.array_equal(first, other)
     # kmeans rebuilds the model from the recorded config (with its own pooling): its backbone must be the one
@@ -440,7 +440,7 @@ def test_sample_stage_seed_gives_the_same_random_backbone_and_records_it(tmp_pat
     from netvlad_core.datasets.images import load_image
     from netvlad_core.datasets.manifest import load_split
 
-    rebuilt_cfg = ModelConfig.from_dict({**config, "num_clusters": 4})
+    rebuilt_cfg = replace(config, num_clusters=4)
     rebuilt = build_model(rebuilt_cfg).eval()
     with h5py.File(tmp_path / "a.h5", "r") as f:
         images = f["image_indices"][()]

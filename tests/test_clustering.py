@@ -36,7 +36,7 @@ def test_sample_descriptors_counts_normalisation_and_seed(tiny_split, tmp_path):
         idx = fa["image_indices"][()]
     c = TINY_MODEL_CONFIG
     for i in np.unique(idx):
-        img = load_image(split.db_files()[i], c["input_height"], c["input_width"], c["mean"], c["std"])[None]
+        img = load_image(split.db_files()[i], c.input_height, c.input_width, c.mean, c.std)[None]
         with torch.no_grad():
             local = model.local_descriptors(img)[0].flatten(1).T.numpy()
         d = np.abs(desc[idx == i][:, None, :] - local[None]).max(-1)

@@ -172,7 +172,7 @@ def test_features_stage_under_torchrun_equals_single_process(data, library_run):
     out = library_run / "features_2.h5"
     assert sorted(p.name for p in library_run.iterdir() if "features_2" in p.name) == ["features_2.h5"]
     net, cfg = load_model(data["model"])
-    ref = extract_split_features(net, cfg.to_dict(), load_split(data["split"]), data["root"] / "features_1.h5",
+    ref = extract_split_features(net, cfg, load_split(data["split"]), data["root"] / "features_1.h5",
                                  device=CPU, cfg=FeatureConfig(batch_size=4, num_workers=0), progress=False)
     db1, q1, _ = read_features(ref)
     db2, q2, attrs = read_features(out)
@@ -202,7 +202,7 @@ def test_sampling_pca_pass_gather_and_resume_under_torchrun_equal_single_process
 
     # descriptor sample: bitwise the single-process file (same images per forward pass, same location draws)
     net, cfg = load_model(data["model"])
-    sample_descriptors(net, cfg.to_dict(), split, root / "sample_1.h5", device=CPU, cfg=SampleConfig(**SAMPLE),
+    sample_descriptors(net, cfg, split, root / "sample_1.h5", device=CPU, cfg=SampleConfig(**SAMPLE),
                        progress=False)
     with h5py.File(root / "sample_1.h5") as a, h5py.File(root / "sample_2.h5") as b:
         np.testing.assert_array_equal(a["image_indices"][()], b["image_indices"][()])
@@ -233,7 +233,7 @@ def _one_by_one(model, files) -> np.ndarray:
     from tests.conftest import TINY_MODEL_CONFIG as c
 
     with torch.no_grad():
-        return np.stack([model(load_image(f, c["input_height"], c["input_width"], c["mean"], c["std"])[None])[0].numpy()
+        return np.stack([model(load_image(f, c.input_height, c.input_width, c.mean, c.std)[None])[0].numpy()
                          for f in files])
 
 
@@ -350,7 +350,7 @@ def _worker_library(root: Path) -> None:
     assert dist.world_size == 2 and dist.backend == "gloo"
     split = load_split(root / "splits" / "test")
     net, cfg = load_model(root / "model.pt")
-    sample_descriptors(net, cfg.to_dict(), split, root / "sample_2.h5", device=dist.device,
+    sample_descriptors(net, cfg, split, root / "sample_2.h5", device=dist.device,
                        cfg=SampleConfig(**SAMPLE), progress=False, dist=dist)
     whitening = fit_model_whitening(net, cfg, split, device=dist.device, cfg=PCAConfig(dim=6, max_images=15, seed=1),
                                     feature_cfg=FeatureConfig(batch_size=4, num_workers=0), progress=False, dist=dist)
@@ -358,7 +358,7 @@ def _worker_library(root: Path) -> None:
     tiny = TinyModel()
     enc_cfg = FeatureConfig(batch_size=3, num_workers=0)
     c = TINY_MODEL_CONFIG
-    kwargs = dict(height=c["input_height"], width=c["input_width"], mean=c["mean"], std=c["std"], device=dist.device,
+    kwargs = dict(height=c.input_height, width=c.input_width, mean=c.mean, std=c.std, device=dist.device,
                   cfg=enc_cfg, progress=False, dist=dist)
     on_main = encode_images(tiny, split.db_files(), result_on="main", **kwargs)
     on_all = encode_images(tiny, split.db_files(), result_on="all", **kwargs)

@@ -57,7 +57,7 @@ def test_cli_export_matches_pytorch(final_model, tmp_path):
 def test_failed_check_writes_nothing(final_model, tmp_path):
     model, cfg = load_model(final_model)
     with pytest.raises(NetVLADError, match="differs from PyTorch"):
-        export_onnx(model, cfg.to_dict(), tmp_path / "model.onnx", tolerance=-1.0)
+        export_onnx(model, cfg, tmp_path / "model.onnx", tolerance=-1.0)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -16,7 +16,7 @@ from tests.conftest import TINY_MODEL_CONFIG, TinyModel
 def _one_by_one(model, files):
     c = TINY_MODEL_CONFIG
     with torch.no_grad():
-        return np.stack([model(load_image(f, c["input_height"], c["input_width"], c["mean"], c["std"])[None])[0].numpy()
+        return np.stack([model(load_image(f, c.input_height, c.input_width, c.mean, c.std)[None])[0].numpy()
                          for f in files])
 
 

@@ -17,6 +17,7 @@ from netvlad_core.datasets.images import ImageFiles, load_image
 from netvlad_core.datasets.manifest import load_split
 from netvlad_core.errors import NetVLADError
 from netvlad_core.features import FeatureConfig, extract_split_features, image_loader
+from netvlad_core.models import ModelConfig
 from tests.conftest import REPO, TINY_MODEL_CONFIG, TinyModel, make_split
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -248,14 +249,15 @@ def test_triplet_loader_worker_errors_are_one_line(tmp_path):
 
     split_dir, bad = _corrupt_split(tmp_path)
     split = load_split(split_dir)
-    dims = {"height": 48, "width": 64, "mean": list(MEAN), "std": list(STD)}
+    model_cfg = ModelConfig(backbone="resnet18_layer3", weights="none", input_height=48, input_width=64,
+                            mean=tuple(MEAN), std=tuple(STD))
     good = [[Triplets(query=0, positive=1, negatives=np.array([2, 3]))]]
     broken = good + [[Triplets(query=1, positive=5, negatives=np.array([2]))]]  # db 5 is the corrupt file
-    images, counts = next(iter(TripletBatches(good, split, dims).loader(num_workers=0)))
+    images, counts = next(iter(TripletBatches(good, split, model_cfg).loader(num_workers=0)))
     assert images.shape == (4, 3, 48, 64) and counts.tolist() == [2]
     for workers in (2, 0):
         with pytest.raises(NetVLADError) as e:
-            list(TripletBatches(broken, split, dims).loader(num_workers=workers))
+            list(TripletBatches(broken, split, model_cfg).loader(num_workers=workers))
         assert str(e.value).startswith(f"{bad}: cannot decode image (") and "\n" not in str(e.value)
 
 

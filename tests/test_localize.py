@@ -45,7 +45,7 @@ def world(tmp_path_factory) -> dict:
     net.pool.init_params(local[rng.choice(len(local), SMALL.num_clusters, replace=False)], local)
     save_model(tmp / "model.pt", net, SMALL)
     model, cfg = load_model(tmp / "model.pt")
-    features = extract_split_features(model, cfg.to_dict(), split, tmp / "test_features.h5",
+    features = extract_split_features(model, cfg, split, tmp / "test_features.h5",
                                       device=torch.device("cpu"), cfg=FeatureConfig(batch_size=6, num_workers=0),
                                       progress=False)
     return {"tmp": tmp, "split_dir": split_dir, "split": split, "model": tmp / "model.pt", "features": features}

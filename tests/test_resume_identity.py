@@ -23,7 +23,7 @@ CPU = torch.device("cpu")
 def _one_by_one(model, files) -> np.ndarray:
     c = TINY_MODEL_CONFIG
     with torch.no_grad():
-        return np.stack([model(load_image(f, c["input_height"], c["input_width"], c["mean"], c["std"])[None])[0].numpy()
+        return np.stack([model(load_image(f, c.input_height, c.input_width, c.mean, c.std)[None])[0].numpy()
                          for f in files])
 
 

@@ -147,7 +147,7 @@ def test_pca_stage_writes_a_final_model_that_features_can_use(tmp_path):
 
     model, final_cfg = load_model(tmp_path / "final.pt")
     assert final_cfg.whiten_dim == 7 and model.out_dim == 7
-    out = extract_split_features(model, final_cfg.to_dict(), load_split(split_dir), tmp_path / "f.h5",
+    out = extract_split_features(model, final_cfg, load_split(split_dir), tmp_path / "f.h5",
                                  device=torch.device("cpu"), cfg=FeatureConfig(batch_size=4, num_workers=0),
                                  progress=False)
     db, q, attrs = read_features(out)

@@ -227,7 +227,7 @@ def apply_whitening(model: "PlaceModel", whitening: PCAWhitening) -> None:
     model.set_whitening(weight, torch.from_numpy(bias))
 
 
-def fit_model_whitening(model: "PlaceModel", model_config: "ModelConfig", split: "Split", *, device: torch.device,
+def fit_model_whitening(model: "PlaceModel", model_cfg: "ModelConfig", split: "Split", *, device: torch.device,
                         cfg: PCAConfig, feature_cfg: "FeatureConfig", progress: bool = True,
                         dist: "DistContext | None" = None) -> PCAWhitening | None:
     """Encode at most ``cfg.max_images`` database images of ``split`` (chosen with ``cfg.seed``) with ``model``'s
@@ -254,8 +254,8 @@ def fit_model_whitening(model: "PlaceModel", model_config: "ModelConfig", split:
     model.whitening = None
     try:
         model = prepare_model(model, device)
-        descriptors = encode_images(model, files, height=model_config.input_height, width=model_config.input_width,
-                                    mean=model_config.mean, std=model_config.std, device=device,
+        descriptors = encode_images(model, files, height=model_cfg.input_height, width=model_cfg.input_width,
+                                    mean=model_cfg.mean, std=model_cfg.std, device=device,
                                     cfg=replace(feature_cfg, float16=False), progress=progress, desc="pca encode",
                                     dist=dist, result_on="main")
         if descriptors is None:  # a rank other than 0 under torchrun: its part is done
