@@ -4,8 +4,10 @@ File layout: datasets ``db`` (num_db × dim) and ``query`` (num_queries × dim),
 image lists, float32 (or float16 on request); attributes ``complete`` (True once finished), ``split``, ``dataset``,
 ``model`` (the model config as JSON), ``model_fingerprint``, ``dim``, ``dtype``.
 
-While running, the file lives under a hidden ``.<name>.partial`` sibling with progress counters and an ``identity``
-attribute; an interrupted run resumes there only if the identity is the same: the model fingerprint (sha256 of the
+While running, the file lives under a hidden ``.<name>.partial`` sibling with progress counters, and what it is made
+from under ``.<name>.partial.json`` (kept out of the HDF5 file, so that the finished file holds nothing of the machine
+that made it: the same model and split give the same bytes in any checkout); an interrupted run resumes there only
+if that identity is the same: the model fingerprint (sha256 of the
 weights), the split's content (:func:`netvlad_core.datasets.manifest.split_fingerprint`: dataset and split names,
 image root, every manifest row's role, path, UTM and timestamp, and each image file's size and mtime), the
 descriptor size and dtype, and the input size and normalisation. Otherwise the partial file is discarded and the
@@ -38,7 +40,7 @@ from .datasets.manifest import Split
 from .device import autocast, prepare_model, to_device
 from .distributed import DistContext, barrier, broadcast_object, gather_batch, num_rounds, pad_rounds, shard_indices
 from .errors import NetVLADError
-from .io import disk_full_error, ensure_free_space, is_disk_full, reserve_space
+from .io import atomic_path, disk_full_error, ensure_free_space, is_disk_full, reserve_space
 from .models.build import ModelConfig
 
 
@@ -193,6 +195,7 @@ def extract_split_features(model, model_cfg: ModelConfig, split: Split, out_h5: 
     out_h5 = Path(out_h5)
     out_h5.parent.mkdir(parents=True, exist_ok=True)
     partial = _partial_path(out_h5)
+    identity_file = partial.with_name(partial.name + ".json")
     model = prepare_model(model, device)
     fingerprint = model_fingerprint(model)
     dtype = np.float16 if cfg.float16 else np.float32
@@ -215,24 +218,28 @@ def extract_split_features(model, model_cfg: ModelConfig, split: Split, out_h5: 
                 resume = False
                 if partial.exists():
                     try:
-                        with h5py.File(partial, "r") as old:
-                            resume = old.attrs.get("identity") == identity
+                        with h5py.File(partial, "r"):
+                            resume = identity_file.is_file() and identity_file.read_text() == identity
                     except OSError:
                         resume = False
                     if not resume:
                         partial.unlink()
+                        identity_file.unlink(missing_ok=True)
                 if not resume:  # the final file's size must be free before anything is written
                     ensure_free_space(out_h5, (split.num_db + split.num_queries) * dim * np.dtype(dtype).itemsize
                                       + FINAL_ATTRIBUTES_BYTES)
                 h5 = stack.enter_context(h5py.File(partial, "r+" if resume else "w"))
                 if not resume:
-                    h5.attrs["identity"] = identity
                     h5.attrs["complete"] = False
                     for role, n in (("db", split.num_db), ("query", split.num_queries)):
                         h5.create_dataset(role, shape=(n, dim), dtype=dtype, dcpl=_allocated_now())
                         h5.attrs[f"{role}_done"] = 0
-                h5.flush()  # the rows' space, and some for the final attributes, reserved before any image is read
-                reserve_space(partial, partial.stat().st_size + FINAL_ATTRIBUTES_BYTES)
+                    h5.flush()  # the rows' space, and some for the final attributes, reserved before any image is read
+                    reserve_space(partial, partial.stat().st_size + FINAL_ATTRIBUTES_BYTES)
+                    with atomic_path(identity_file) as tmp:
+                        tmp.write_text(identity)
+                else:
+                    reserve_space(partial, partial.stat().st_size)
                 done_by_role = {role: int(h5.attrs[f"{role}_done"]) for role in ("db", "query")}
                 committed = any(done_by_role.values())
             if dist is not None:
@@ -279,12 +286,14 @@ def extract_split_features(model, model_cfg: ModelConfig, split: Split, out_h5: 
         full = isinstance(e, Exception) and not isinstance(e, NetVLADError) and is_disk_full(e)
         if is_main and (full or not committed):
             partial.unlink(missing_ok=True)
+            identity_file.unlink(missing_ok=True)
         if full:
             raise disk_full_error(out_h5, (split.num_db + split.num_queries) * dim * np.dtype(dtype).itemsize) \
                 from None
         raise
     if is_main:
         os.replace(partial, out_h5)
+        identity_file.unlink(missing_ok=True)
     if dist is not None:
         barrier(dist, "waiting for rank 0 to finish the features file")
     return out_h5

@@ -89,3 +89,41 @@ def test_split_without_queries(tmp_path):
                                  cfg=FeatureConfig(batch_size=4, num_workers=0), progress=False)
     db, q, _ = read_features(out)
     assert db.shape == (5, 8) and q.shape == (0, 8)
+
+
+def test_the_same_model_and_split_give_the_same_bytes_in_any_folder_and_after_a_resume(tmp_path):
+    """The finished file holds nothing of the checkout that made it (the resume identity, with the image root and
+    the files' times, stays in a sidecar that is removed): DVC sees the same hash on every machine. A resumed run
+    writes the same datasets and attributes (HDF5 lays out a reopened file's header differently)."""
+    import shutil
+    import time
+
+    from tests.conftest import make_split
+
+    first_dir = make_split(tmp_path / "a")
+    time.sleep(0.01)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # another root, other mtimes
+    second_dir = tmp_path / "b" / "splits" / "test"
+    torch.manual_seed(0)
+    model = TinyModel()
+    cfg = FeatureConfig(batch_size=2, num_workers=0, flush_every=1)
+    outs = []
+    for split_dir, name in ((first_dir, "one.h5"), (second_dir, "two.h5")):
+        model.calls = 0
+        outs.append(extract_split_features(model, TINY_MODEL_CONFIG, load_split(split_dir), tmp_path / name,
+                                           device=torch.device("cpu"), cfg=cfg, progress=False))
+    model.fail_after, model.calls = 3, 0
+    with pytest.raises(KeyboardInterrupt):
+        extract_split_features(model, TINY_MODEL_CONFIG, load_split(first_dir), tmp_path / "three.h5",
+                               device=torch.device("cpu"), cfg=cfg, progress=False)
+    assert (tmp_path / ".three.h5.partial.json").is_file()
+    model.fail_after, model.calls = None, 0
+    outs.append(extract_split_features(model, TINY_MODEL_CONFIG, load_split(first_dir), tmp_path / "three.h5",
+                                       device=torch.device("cpu"), cfg=cfg, progress=False))
+    assert model.calls < -(-12 // 2) + -(-5 // 2), "the third run resumed"
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+    (db0, q0, attrs0), (db2, q2, attrs2) = read_features(outs[0]), read_features(outs[2])
+    np.testing.assert_array_equal(db0, db2)
+    np.testing.assert_array_equal(q0, q2)
+    assert {k: str(v) for k, v in attrs0.items()} == {k: str(v) for k, v in attrs2.items()}
+    assert not list(tmp_path.glob(".*.partial*"))

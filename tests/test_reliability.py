@@ -253,7 +253,7 @@ def test_features_finish_when_the_disk_fills_up_meanwhile(tmp_path, small_tmpfs)
     model = _DiskFillingModel(small_tmpfs)
     out = extract_split_features(model, TINY_MODEL_CONFIG, split, small_tmpfs / "f.h5", device=torch.device("cpu"),
                                  cfg=FeatureConfig(batch_size=4, num_workers=0, flush_every=1), progress=False)
-    assert model.filled and __import__("shutil").disk_usage(small_tmpfs).free < 4096
+    assert model.filled and __import__("shutil").disk_usage(small_tmpfs).free <= 4096  # the sidecar's page
     db, q, attrs = read_features(out)
     assert db.shape == (40, 4096) and q.shape == (8, 4096) and attrs["complete"]
     np.testing.assert_allclose(np.linalg.norm(db, axis=1), 1.0, atol=1e-5)
