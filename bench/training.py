@@ -78,10 +78,10 @@ def run(num_db: int, num_queries: int, steps: int, device_name: str, reps: int, 
                           mean=model_cfg.mean, std=model_cfg.std, device=device, cfg=feat_cfg, progress=False)
 
         db_cache = allocate_cache(split.num_db, out_dim, cache_dtype(device), None)
-        neg_cache = empty_negative_cache(split.num_queries, cfg.num_negatives)
+        neg_cache = empty_negative_cache(split.num_queries, cfg.mining.num_negatives)
         # a margin every negative violates: each query trains with the full 10 negatives (the worst case)
-        mining = MiningConfig(margin=4.0, num_negatives=cfg.num_negatives,
-                              num_negatives_sampled=cfg.num_negatives_sampled)
+        mining = MiningConfig(margin=4.0, num_negatives=cfg.mining.num_negatives,
+                              num_negatives_sampled=cfg.mining.num_negatives_sampled)
         mined_holder: dict = {}
         mine_seconds: list[float] = []
 
