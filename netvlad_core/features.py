@@ -200,6 +200,7 @@ def extract_split_features(model, model_cfg: ModelConfig, split: Split, out_h5: 
     fingerprint = model_fingerprint(model)
     dtype = np.float16 if cfg.float16 else np.float32
     dim = int(model.out_dim)
+    rows_bytes = (split.num_db + split.num_queries) * dim * np.dtype(dtype).itemsize
     is_main = dist is None or dist.is_main
     show = progress and is_main
     # What a partial file must have been made from to be resumed (computed by rank 0 only: one stat per image).
@@ -226,8 +227,7 @@ def extract_split_features(model, model_cfg: ModelConfig, split: Split, out_h5: 
                         partial.unlink()
                         identity_file.unlink(missing_ok=True)
                 if not resume:  # the final file's size must be free before anything is written
-                    ensure_free_space(out_h5, (split.num_db + split.num_queries) * dim * np.dtype(dtype).itemsize
-                                      + FINAL_ATTRIBUTES_BYTES)
+                    ensure_free_space(out_h5, rows_bytes + FINAL_ATTRIBUTES_BYTES)
                 h5 = stack.enter_context(h5py.File(partial, "r+" if resume else "w"))
                 if not resume:
                     h5.attrs["complete"] = False
@@ -288,8 +288,7 @@ def extract_split_features(model, model_cfg: ModelConfig, split: Split, out_h5: 
             partial.unlink(missing_ok=True)
             identity_file.unlink(missing_ok=True)
         if full:
-            raise disk_full_error(out_h5, (split.num_db + split.num_queries) * dim * np.dtype(dtype).itemsize) \
-                from None
+            raise disk_full_error(out_h5, rows_bytes) from None
         raise
     if is_main:
         os.replace(partial, out_h5)

@@ -53,7 +53,8 @@ def is_disk_full(error: BaseException) -> bool:
         text = str(error)
         if "No space left on device" in text or "errno = 28" in text or "Disk quota exceeded" in text:
             return True
-        error = error.__cause__ or error.__context__
+        # the error it was raised from, or during the handling of (unless ``raise … from None`` hid that)
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
     return False
 
 

@@ -47,7 +47,7 @@ def user_errors(fn: F) -> F:
             if not is_disk_full(e):
                 raise
             where = getattr(e, "filename", None)
-            typer.echo(f"error: {where + ': ' if where else ''}cannot write, no space left on device", err=True)
+            typer.echo(f"error: {f'{where}: ' if where else ''}cannot write, no space left on device", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.echo("error: interrupted", err=True)
