@@ -13,6 +13,7 @@ MODULES = [
     "features",
     "training",
     "distributed",
+    "released",
 ]
 
 

@@ -276,9 +276,10 @@ def write_descriptor_sample(split_dir: str | os.PathLike, out_h5: str | os.PathL
     from .datasets.manifest import load_split
     from .distributed import broadcast_module, distributed_session, local_main_first
     from .models import build_model
+    from .models.build import resolve_trunk
 
     cfg.validate()
-    model_cfg = replace(trunk, init_seed=cfg.seed)
+    model_cfg = replace(resolve_trunk(trunk), init_seed=cfg.seed)  # a trunk model file brings its layers and input
     model_cfg.validate()
     split = load_split(split_dir)
     with distributed_session(run.device, run.dist_timeout) as dist:

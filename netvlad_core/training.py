@@ -158,7 +158,7 @@ def apply_trainable_blocks(model: torch.nn.Module, model_cfg, trainable_blocks: 
     from .models.backbones import default_trainable_blocks
 
     if trainable_blocks is None:
-        trainable_blocks = default_trainable_blocks(model_cfg.backbone)
+        trainable_blocks = default_trainable_blocks(model_cfg.backbone, model_cfg.layers)
     new_cfg = dataclasses.replace(model_cfg, trainable_blocks=trainable_blocks)
     new_cfg.validate()
     model.backbone.set_trainable_blocks(trainable_blocks)

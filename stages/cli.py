@@ -24,6 +24,7 @@ def _root() -> None:
 # (subcommand, module under stages/) in pipeline order.
 STAGES = [
     ("download", "download"),
+    ("import", "imports"),
     ("sample", "sample"),
     ("kmeans", "kmeans"),
     ("train", "train"),

@@ -132,8 +132,28 @@ def test_every_params_key_is_an_option_of_the_stage_that_reads_it_and_equals_its
                 if not _same(value, param.default):
                     assert "demo" in comment, (f"params.yaml {dotted}.{key}: {value!r} differs from the library "
                                                f"default {param.default!r} without a 'demo' comment")
+    foreach = {m.group(1) for m in re.finditer(r"foreach: \$\{([\w.-]+)\}", (REPO / "dvc.yaml").read_text())}
     top = {k for k in params if k != "dist"}
-    assert top <= {g.split(".")[0] for g in seen_groups}, "a params.yaml group that no stage reads"
+    assert top <= {g.split(".")[0] for g in seen_groups} | foreach, "a params.yaml group that no stage reads"
+
+
+def test_each_released_model_entry_is_the_options_of_import():
+    """params.yaml `models` entries expand into `netvlad import` options (dvc.yaml passes `${item}`): every key of an
+    entry, and of the example in the comment above the group, is an option of the command."""
+    import io
+
+    options = {o for p in stage_command("import").params for o in p.opts}
+    text = (REPO / "params.yaml").read_text()
+    block = text[text.index("# Released models"):text.index("\nmodels:")]
+    example = "\n".join(line[len("#"):] for line in block.splitlines() if line.startswith("#   "))
+    entries = dict(yaml.safe_load(io.StringIO(example)))
+    entries.update(_params_with_comments()["models"] or {})
+    assert entries, "no example entry"
+    for name, entry in entries.items():
+        assert "src" in entry, name
+        for key in entry:
+            assert f"--{key}" in options, f"params.yaml models.{name}.{key} is no option of `netvlad import`"
+    assert "netvlad import --out artifacts/imported/${key}.pt ${item}" in (REPO / "dvc.yaml").read_text()
 
 
 @pytest.mark.parametrize("name", ["features", "train", "evaluate"])

@@ -52,7 +52,7 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def _merge(target: dict, overrides: dict) -> None:
     for key, value in overrides.items():
         if isinstance(value, dict):
-            _merge(target[key], value)
+            _merge(target.setdefault(key, {}), value)
         else:
             target[key] = value
 
@@ -172,4 +172,27 @@ def test_dvc_status_names_the_stages_whose_code_changed(pipeline_repo):
             assert _changed_stages(pipeline_repo) == expected, module
         finally:
             path.write_bytes(original)
+    assert _changed_stages(pipeline_repo) == set()
+
+
+def test_a_released_model_listed_in_params_is_imported_and_evaluated_beside_the_others(pipeline_repo):
+    """params.yaml `models: {released: {src: <a MatConvNet struct file>, …}}`: `dvc repro` runs import →
+    features-imported → evaluate-imported for it alone, and `dvc metrics show` lists its recall."""
+    from tests import released_files as rf
+
+    dvc = str(Path(sys.executable).parent / "dvc")
+    rng = np.random.default_rng(0)
+    (pipeline_repo / "released").mkdir()
+    rf.write_matconvnet(pipeline_repo / "released" / "tiny_struct.mat",
+                        rf.vgg_like_trunk(rng, widths=(8, 16, 16)) + rf.vlad_head(rng, 16, 4, 16))
+    _set_params(pipeline_repo / "params.yaml", {"models": {"released": {
+        "src": "released/tiny_struct.mat", "input-height": 120, "input-width": 160}}})
+    out = _run([dvc, "repro"], pipeline_repo).stdout
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert ran == {"import@released", "features-imported@released", "evaluate-imported@released"}, out
+    metrics = json.loads((pipeline_repo / "metrics/test_released.json").read_text())
+    with h5py.File(pipeline_repo / "artifacts/features/test_released.h5") as f:
+        assert f["db"].shape[1] == 16 and f["query"].shape[0] == metrics["num_queries"]
+    shown = json.dumps(json.loads(_run([dvc, "metrics", "show", "--json"], pipeline_repo).stdout))
+    assert "test_released.json" in shown and "test_trained.json" in shown
     assert _changed_stages(pipeline_repo) == set()

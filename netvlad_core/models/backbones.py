@@ -19,6 +19,8 @@ name                          crop                                    channels  
 ``resnet50_layer4``           after layer4                            2048      32      stage; default 1
 ``efficientnet_lite0``        timm ``tf_efficientnet_lite0`` blocks[4] 112       16      stage; default 1
 ``timm:<model>[:<index>]``    timm ``features_only`` output <index>   model's   model's stage; default 1
+``matconvnet``                the layer list of the model config      file's    file's  conv layer; default the
+                              (``netvlad import`` of a SimpleNN file)                   convs after the last pool
 ============================  ======================================  ========  ======  ======================
 
 ``trainable_blocks`` counts units from the end of the cropped network: those get gradients, everything before them
@@ -237,11 +239,22 @@ REGISTRY: dict[str, BackboneSpec] = {spec.name: spec for spec in (
 FIXED_BACKBONES = tuple(REGISTRY)
 
 
-def default_trainable_blocks(name: str) -> int:
+#: The backbone built from a MatConvNet SimpleNN layer list (``ModelConfig.layers``; see ``models.matconvnet``)
+MATCONVNET = "matconvnet"
+
+
+def default_trainable_blocks(name: str, layers: list[dict] | None = None) -> int:
     """The default freeze boundary of backbone ``name`` (what ``trainable_blocks=None`` means): the number of units
-    counted from the end that get gradients. Raises ``NetVLADError`` for unknown names."""
+    counted from the end that get gradients; for ``matconvnet`` it depends on its ``layers``. Raises
+    ``NetVLADError`` for unknown names."""
     if isinstance(name, str) and name in REGISTRY:
         return REGISTRY[name].default_trainable_blocks
+    if name == MATCONVNET:
+        from .matconvnet import check_layers, default_trainable_convs
+
+        if layers is None:
+            raise NetVLADError("backbone matconvnet needs its layer list (a model file written by `netvlad import`)")
+        return default_trainable_convs(check_layers(layers))
     parse_backbone_name(name)
     return TIMM_DEFAULT_TRAINABLE_BLOCKS
 
@@ -252,7 +265,8 @@ def default_trainable_blocks(name: str) -> int:
 def parse_backbone_name(name: str) -> tuple[str, str, int | None]:
     """``(kind, base, index)``: kind is ``torchvision``, ``efficientnet`` or ``timm``. Raises for unknown names."""
     if not isinstance(name, str) or not name:
-        raise NetVLADError(f"unknown backbone {name!r}; valid: {', '.join(FIXED_BACKBONES)}, timm:<model>[:<index>]")
+        raise NetVLADError(f"unknown backbone {name!r}; valid: {', '.join(FIXED_BACKBONES)}, matconvnet, "
+                           f"timm:<model>[:<index>]")
     if name.startswith("timm:"):
         parts = name[len("timm:"):].split(":")
         model = parts[0]
@@ -268,9 +282,11 @@ def parse_backbone_name(name: str) -> tuple[str, str, int | None]:
         return "timm", model, index
     if name in REGISTRY:
         return REGISTRY[name].kind, name, None
+    if name == MATCONVNET:
+        return MATCONVNET, name, None
     needs_crop = any(fixed.startswith(f"{name}_layer") for fixed in FIXED_BACKBONES)  # resnet18, resnet50
     hint = " (ResNets need a crop: resnet18_layer3, resnet50_layer4, …)" if needs_crop else ""
-    raise NetVLADError(f"unknown backbone {name!r}{hint}; valid: {', '.join(FIXED_BACKBONES)}, "
+    raise NetVLADError(f"unknown backbone {name!r}{hint}; valid: {', '.join(FIXED_BACKBONES)}, matconvnet, "
                        f"timm:<model>[:<index>]")
 
 
@@ -415,7 +431,7 @@ def seeded_init(seed: int) -> Iterator[None]:
 
 def build_backbone(name: str, weights: str = "imagenet", trainable_blocks: int | None = None, *,
                    allow_download: bool = True, progress: bool = True,
-                   init_seed: int = 0) -> tuple[Backbone, int, int]:
+                   init_seed: int = 0, layers: list[dict] | None = None) -> tuple[Backbone, int, int]:
     """Build backbone ``name`` with ``weights`` and return ``(module, out_channels, stride)``.
 
     ``weights``: ``imagenet``, ``none`` or a local state-dict file. ``trainable_blocks``: how many units at the end
@@ -423,7 +439,8 @@ def build_backbone(name: str, weights: str = "imagenet", trainable_blocks: int |
     ImageNet weights come from the local caches (torch hub / Hugging Face) when present; otherwise they are
     downloaded if ``allow_download`` and the host answers, else a ``NetVLADError`` says how to provide them.
     With ``weights="none"`` the random initialisation is drawn from ``init_seed`` (:func:`seeded_init`): the same
-    seed gives bitwise the same weights, and the global RNG state is left as it was.
+    seed gives bitwise the same weights, and the global RNG state is left as it was. ``layers`` is the layer list
+    of the ``matconvnet`` backbone (``ModelConfig.layers``); its ``weights`` are ``none`` or a model file.
     """
     kind, base, index = parse_backbone_name(name)
     if not isinstance(weights, str) or not weights:
@@ -431,9 +448,29 @@ def build_backbone(name: str, weights: str = "imagenet", trainable_blocks: int |
     if trainable_blocks is not None and (isinstance(trainable_blocks, bool) or not isinstance(trainable_blocks, int)):
         raise NetVLADError(f"trainable_blocks must be an integer or None, got {trainable_blocks!r}")
     with seeded_init(init_seed) if weights == "none" else contextlib.nullcontext():
-        module = _build_backbone(kind, base, index, name, weights, trainable_blocks, allow_download=allow_download,
-                                 progress=progress)
+        if kind == MATCONVNET:
+            module = _matconvnet_backbone(layers, weights, trainable_blocks)
+        else:
+            module = _build_backbone(kind, base, index, name, weights, trainable_blocks,
+                                     allow_download=allow_download, progress=progress)
     return module, module.out_channels, module.stride
+
+
+def _matconvnet_backbone(layers: list[dict] | None, weights: str, trainable_blocks: int | None) -> Backbone:
+    from .matconvnet import build_layers, check_layers, default_trainable_convs
+
+    if layers is None:
+        raise NetVLADError("backbone matconvnet needs its layer list (a model file written by `netvlad import`)")
+    body, units, channels, stride = build_layers(layers)
+    if weights == "imagenet":
+        raise NetVLADError("backbone matconvnet has no built-in ImageNet weights: import a MatConvNet file with "
+                           "`netvlad import` and give that model file as weights")
+    if weights != "none":
+        state, source = local_state(weights, MATCONVNET)
+        load_checked(body, state, source, "matconvnet layer list")
+    default = default_trainable_convs(check_layers(layers))
+    return Backbone(body, name=MATCONVNET, out_channels=channels, stride=stride, units=units,
+                    trainable_blocks=default if trainable_blocks is None else trainable_blocks)
 
 
 def _build_backbone(kind: str, base: str, index: int | None, name: str, weights: str, trainable_blocks: int | None,

