@@ -359,3 +359,38 @@ def test_mat_v73_file_reads_like_its_v7_twin_and_class_objects_get_one_line(tmp_
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
     assert f"layers {core + 1}, {core + 3}, {core + 5} (1-based) are a MATLAB layerVLAD object" in result.output
     assert "net_class2struct" in result.output and not (tmp_path / "original.pt").exists()
+
+
+def test_sample_and_kmeans_start_from_an_imported_imagenet_trunk(tmp_path):
+    """The paper's starting point: `sample --backbone matconvnet --weights <imported trunk>` samples with the
+    file's layers, weights and 0-255 input; `kmeans` puts a NetVLAD layer on it."""
+    import h5py
+
+    from tests.conftest import make_split
+
+    rng = np.random.default_rng(10)
+    layers = rf.vgg_like_trunk(rng, widths=(4, 8), swap_relu_pool=False) + [rf.relu("relu_last"), rf.pool("pool_last"),
+                                                                            {"name": "prob", "type": "softmax"}]
+    src = rf.write_matconvnet(tmp_path / "imagenet-tiny.mat", layers, top_level=True)
+    trunk = tmp_path / "trunk.pt"
+    assert run_cli(str(src), "--out", str(trunk)).exit_code == 0
+    split = make_split(tmp_path, num_db=6, num_q=2)
+    runner = CliRunner()
+    result = runner.invoke(app, ["sample", "--split-dir", str(split), "--out", str(tmp_path / "d.h5"), "--backbone",
+                                 "matconvnet", "--weights", str(trunk), "--input-height", "48", "--input-width", "64",
+                                 "--num-descriptors", "60", "--per-image", "10", "--workers", "0", "--no-progress",
+                                 "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    with h5py.File(tmp_path / "d.h5") as f:
+        sampled = json.loads(f.attrs["model"])
+    _, trunk_cfg = load_model(trunk)
+    assert sampled["layers"] == trunk_cfg.layers and sampled["mean"] == list(trunk_cfg.mean)
+    result = runner.invoke(app, ["kmeans", "--descriptors", str(tmp_path / "d.h5"), "--centroids-out",
+                                 str(tmp_path / "c.h5"), "--model-out", str(tmp_path / "m.pt"), "--num-clusters", "3",
+                                 "--iterations", "5"])
+    assert result.exit_code == 0, result.output
+    model, cfg = load_model(tmp_path / "m.pt")
+    assert cfg.backbone == "matconvnet" and cfg.pooling == "netvlad" and cfg.source == trunk_cfg.source
+    trunk_model, _ = load_model(trunk)
+    for key, value in trunk_model.backbone.state_dict().items():
+        assert torch.equal(value, model.backbone.state_dict()[key]), key
