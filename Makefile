@@ -8,7 +8,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 # dvc.yaml calls the `netvlad` console script: put the venv first on PATH for every recipe.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install demo test test-fast lint bench clean-venv dvc-scm
+.PHONY: install demo test test-fast lint bench report clean-venv dvc-scm
 
 install: $(STAMP)
 
@@ -37,6 +37,15 @@ lint: install
 
 bench: install
 	$(BIN)/python -m bench
+
+# `make report [BASE=<rev>] [MAX_DROP=<points>]`: report.md and report_recall.png, the working tree's params, metrics
+# and recall@N curves against BASE (default: the merge base of HEAD with main); exits 1 when MAX_DROP is given and
+# a model's recall@1 dropped by more than that many points. REPORT_PYTHON=<python> runs it with that interpreter
+# (an environment that has this project's dependencies) instead of installing into .venv first.
+REPORT_PYTHON ?=
+report: $(if $(REPORT_PYTHON),,install)
+	$(or $(REPORT_PYTHON),$(BIN)/python) -m stages.report --out report.md --plot report_recall.png \
+	    $(if $(BASE),--base '$(BASE)') $(if $(MAX_DROP),--max-drop '$(MAX_DROP)')
 
 clean-venv:
 	rm -rf $(VENV)

@@ -33,6 +33,7 @@ STAGES = [
     ("pca", "pca"),
     ("localize", "localize"),
     ("export", "export"),
+    ("report", "report"),  # not in dvc.yaml: it compares the working tree with another revision
 ]
 
 for _name, _module in STAGES:

@@ -63,10 +63,10 @@ def _set_params(path: Path, overrides: dict) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-@pytest.fixture(scope="module")
-def pipeline_repo(tmp_path_factory) -> Path:
-    repo = tmp_path_factory.mktemp("pipeline")
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
+def make_tiny_pipeline(repo: Path, files: tuple[str, ...] = ()) -> Path:
+    """A git repository in ``repo`` holding this checkout's pipeline (dvc.yaml, params.yaml with the TINY sizes, the
+    code, and ``files``), committed, then reproduced with `dvc repro` (outputs and dvc.lock not committed)."""
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", *files):
         shutil.copy(REPO / name, repo / name)
     for package in ("netvlad_core", "stages"):  # the code the stages run, tracked as their deps
         shutil.copytree(REPO / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
@@ -79,6 +79,11 @@ def pipeline_repo(tmp_path_factory) -> Path:
     _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "pipeline"], repo)
     _run([str(Path(sys.executable).parent / "dvc"), "repro"], repo)
     return repo
+
+
+@pytest.fixture(scope="module")
+def pipeline_repo(tmp_path_factory) -> Path:
+    return make_tiny_pipeline(tmp_path_factory.mktemp("pipeline"))
 
 
 def test_repro_writes_metrics_that_match_an_independent_recall(pipeline_repo):
