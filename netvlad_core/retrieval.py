@@ -142,10 +142,22 @@ def _row_sq_norms(x: torch.Tensor, out: torch.Tensor, chunk: int = 64) -> torch.
     return out
 
 
-def _rows_into(src, start: int, stop: int, buf: torch.Tensor) -> torch.Tensor:
+def _staging(src, rows: int) -> np.ndarray | None:
+    """A reusable buffer for :func:`_rows_into` to read an h5py dataset's rows into (None for arrays)."""
+    if not hasattr(src, "read_direct"):
+        return None
+    return np.empty((rows, int(src.shape[1])), dtype=src.dtype)
+
+
+def _rows_into(src, start: int, stop: int, buf: torch.Tensor, stage: np.ndarray | None = None) -> torch.Tensor:
     """Rows ``start:stop`` of ``src`` (numpy array, memmap or h5py dataset, any float dtype) written as float32 into
-    the first rows of ``buf`` (on any device); returns that view. Only the block is read and converted."""
-    rows = np.ascontiguousarray(src[start:stop])
+    the first rows of ``buf`` (on any device); returns that view. Only the block is read and converted; an h5py
+    dataset is read into ``stage`` (from :func:`_staging`) when given, so no block allocates fresh pages."""
+    if stage is not None:
+        rows = stage[:stop - start]
+        src.read_direct(rows, np.s_[start:stop])
+    else:
+        rows = np.ascontiguousarray(src[start:stop])
     out = buf[:stop - start]
     with warnings.catch_warnings():  # a read-only memmap: torch only reads it here
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -164,6 +176,7 @@ class _DistanceBlocks:
         self.prod = torch.empty((num_queries, rows), dtype=torch.float32, device=device)
         self.dist = torch.empty((num_queries, rows), dtype=torch.float32, device=device)
         self.d_sq = torch.empty(self.num_db, dtype=torch.float32, device=device)
+        self.stage = _staging(db, rows)
         self.have_d_sq = False
 
     def __call__(self, q: torch.Tensor, q_sq: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
@@ -172,7 +185,7 @@ class _DistanceBlocks:
         m = q.shape[0]
         for start in range(0, self.num_db, self.block_rows):
             stop = min(start + self.block_rows, self.num_db)
-            d = _rows_into(self.db, start, stop, self.rows)
+            d = _rows_into(self.db, start, stop, self.rows, self.stage)
             if not self.have_d_sq:
                 _row_sq_norms(d, self.d_sq[start:stop])
             prod = torch.matmul(q, d.T, out=self.prod[:m, :stop - start])
@@ -240,10 +253,11 @@ def exact_search(
     q_rows = min(int(query_rows), num_queries)
     q_buf = torch.empty((q_rows, dim), dtype=torch.float32, device=device)
     q_sq_buf = torch.empty(q_rows, dtype=torch.float32, device=device)
+    q_stage = _staging(queries, q_rows)
     blocks = _DistanceBlocks(db, q_rows, device=device, block_rows=block_rows)
     columns = torch.arange(min(int(block_rows), num_db), dtype=torch.int64, device=device)
     for q_start in tqdm(range(0, num_queries, q_rows), desc="search", unit="batch", disable=not progress):
-        q = _rows_into(queries, q_start, min(q_start + q_rows, num_queries), q_buf)
+        q = _rows_into(queries, q_start, min(q_start + q_rows, num_queries), q_buf, q_stage)
         q_sq = _row_sq_norms(q, q_sq_buf[:q.shape[0]])[:, None]
         best = None
         for start, dist in blocks(q, q_sq):
