@@ -400,9 +400,10 @@ def evaluate(
     """Rank the split's database for every query, score the rankings and write the outputs; return what was
     written.
 
-    The search is exact (``IndexFlatL2``) unless ``cfg.index_factory`` is set, in which case the exact
-    search also runs and its recall is reported as ``exact_recall@N``. Rankings keep only the best view of every
-    database panorama (Tokyo 24/7 protocol) when the split records ``views_per_panorama`` or
+    The search is exact (:func:`netvlad_core.retrieval.exact_search`: blocked float32 GEMMs on the CPU over the
+    features file's rows, ``cfg.batch_size`` queries per block) unless ``cfg.index_factory`` is set, in which case
+    the exact search also runs and its recall is reported as ``exact_recall@N``. Rankings keep only the best view of
+    every database panorama (Tokyo 24/7 protocol) when the split records ``views_per_panorama`` or
     ``cfg.collapse_panoramas`` is True (:func:`panorama_grouping`). An N of recall@N larger than the database
     (after collapsing: than the number of panoramas) is lowered to it with a :class:`NetVLADWarning`; the
     settings record both. Bad inputs, and two outputs (or an output and the features file) naming the same

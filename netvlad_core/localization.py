@@ -26,7 +26,7 @@ from .datasets.manifest import Split, load_split
 from .device import prepare_model
 from .errors import NetVLADError, NetVLADWarning
 from .models.build import ModelConfig
-from .retrieval import WEIGHTINGS, estimate_positions, search
+from .retrieval import WEIGHTINGS, estimate_positions, exact_search
 
 
 @dataclass
@@ -94,7 +94,8 @@ class ImageFailure:
 
 
 def load_database(features_h5: str | os.PathLike, split: Split, model: torch.nn.Module) -> np.ndarray:
-    """The split's database descriptors (float32, ``(num_db, D)``) from a features file, after checking that the
+    """The split's database descriptors (``(num_db, D)``) from a features file, in the file's dtype (a float16 file
+    stays float16: :func:`netvlad_core.retrieval.exact_search` upcasts it block by block), after checking that the
     file belongs to ``split`` (row counts, names, finite values) and was made by ``model`` (the weights'
     fingerprint when the file records one, and the descriptor dimension)."""
     from .evaluation import open_features
@@ -104,7 +105,7 @@ def load_database(features_h5: str | os.PathLike, split: Split, model: torch.nn.
     with open_features(path, split) as (db, _query):
         dim = int(db.shape[1])
         attrs = dict(db.file.attrs)
-        rows = np.asarray(db[()], dtype=np.float32)
+        rows = np.asarray(db[()])
     out_dim = int(getattr(model, "out_dim", dim))
     if dim != out_dim:
         raise NetVLADError(f"{path}: database descriptors are {dim}-D but the model gives {out_dim}-D descriptors "
@@ -166,7 +167,7 @@ def localize(model: torch.nn.Module, model_cfg: ModelConfig, images: Sequence[st
         raise NetVLADError("the model produced NaN/inf descriptors for the photos")
 
     k = max(cfg.top_k, cfg.localisation_k)
-    distances, indices = search(db, queries, k)
+    distances, indices = exact_search(db, queries, k, device=device)
     estimates = estimate_positions(indices, distances, split.db_utm, min(cfg.localisation_k, indices.shape[1]),
                                    cfg.weighting, temperature=cfg.temperature)
     results = []

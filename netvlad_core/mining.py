@@ -17,8 +17,8 @@ violates when ``‖q−n‖² < ‖q−p‖² + m``; the ``sqrt`` loss (the PyTo
 The hardest ``num_negatives`` that violate are exactly the violating ones among the ``num_negatives``
 hardest, because violation only depends on the distance being below a threshold.
 
-All distances of a refresh block come from ONE batched computation (:func:`squared_distances`, a torch
-matmul chunked over the database); nothing here fits a kNN structure per query.
+All distances of a refresh block come from ONE batched computation (:func:`squared_distances`: the blocked
+torch GEMMs of exact search, chunked over the database); nothing here fits a kNN structure per query.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import torch
 
 from .config import option
 from .errors import NetVLADError
+from .retrieval import squared_distance_blocks
 
 LOSSES = ("squared", "sqrt")
 
@@ -96,17 +97,15 @@ def empty_negative_cache(num_queries: int, num_negatives: int) -> np.ndarray:
     return np.full((num_queries, num_negatives), -1, dtype=np.int64)
 
 
-def squared_distances(queries, db, *, device: torch.device | str = "cpu", db_chunk: int = 16384) -> np.ndarray:
-    """``(M, N)`` float32 squared L2 distances ``‖q‖² + ‖d‖² − 2 q·d`` between rows (one torch matmul per
-    ``db_chunk`` database rows, in float32 on ``device``; the inputs may be float16 numpy arrays or memmaps)."""
-    device = torch.device(device)
-    q = torch.as_tensor(np.ascontiguousarray(queries), device=device).float()
-    q_sq = (q * q).sum(1, keepdim=True)
-    out = np.empty((q.shape[0], int(db.shape[0])), dtype=np.float32)
-    for start in range(0, int(db.shape[0]), db_chunk):
-        d = torch.as_tensor(np.ascontiguousarray(db[start:start + db_chunk]), device=device).float()
-        block = q_sq + (d * d).sum(1)[None, :] - 2.0 * (q @ d.T)
-        out[:, start:start + d.shape[0]] = block.clamp_min_(0).cpu().numpy()
+def squared_distances(queries, db, *, device: torch.device | str = "cpu", db_chunk: int = 1024) -> np.ndarray:
+    """``(M, N)`` float32 squared L2 distances ``‖q‖² + ‖d‖² − 2 q·d`` between rows: the distance blocks of exact
+    search (:func:`netvlad_core.retrieval.squared_distance_blocks`, one torch GEMM per ``db_chunk`` database rows,
+    in float32 on ``device``; the inputs may be float16 or float32 numpy arrays, memmaps or h5py datasets). Besides
+    the result, memory holds the queries in float32 and one chunk of database rows (a float16 cache is never
+    converted whole)."""
+    out = np.empty((int(queries.shape[0]), int(db.shape[0])), dtype=np.float32)
+    for start, block in squared_distance_blocks(queries, db, device=device, block_rows=db_chunk):
+        out[:, start:start + block.shape[1]] = block.cpu().numpy()
     return out
 
 

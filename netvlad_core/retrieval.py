@@ -8,15 +8,24 @@ each database panorama once per ranking.
 Rankings are ``(M, k)`` arrays of database indices, best first; ``-1`` marks an empty slot (an approximate
 index that found fewer than ``k`` candidates, or a collapsed ranking with fewer than ``k`` panoramas) and
 its distance is ``inf``. Distances are squared L2, as faiss returns them.
+
+Exact search (:func:`exact_search`, what ``search`` runs without an index factory) is blocked matrix products in
+torch: a block of queries and a block of database rows are upcast to float32 into reused buffers (a float16
+database is never converted whole), their squared distances ``‖q‖² + ‖d‖² − 2 q·d`` are one GEMM, and each
+block's top ``k`` is merged into the running top ``k``, so memory is bounded by the block sizes, not by database ×
+queries. The same distance blocks serve triplet mining (:func:`squared_distance_blocks`). Equal distances are
+ranked by the lower database index.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import PurePosixPath
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from .errors import NetVLADError
@@ -113,6 +122,157 @@ def build_index(
     return index
 
 
+def _check_search_inputs(db, queries, k: int, **block_sizes: int) -> None:
+    if k < 1:
+        raise NetVLADError(f"k must be at least 1, got {k}")
+    for name, size in block_sizes.items():
+        if size < 1:
+            raise NetVLADError(f"{name.replace('_', ' ')} must be at least 1, got {size}")
+    if len(db.shape) != 2 or len(queries.shape) != 2 or db.shape[1] != queries.shape[1]:
+        raise NetVLADError(f"database shape {tuple(db.shape)} and query shape {tuple(queries.shape)} do not match")
+    if int(db.shape[0]) == 0:
+        raise NetVLADError("cannot search an empty database (0 database vectors)")
+
+
+def _row_sq_norms(x: torch.Tensor, out: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """``(x * x).sum(1)`` into ``out``, ``chunk`` rows at a time (no temporary the size of ``x``)."""
+    for start in range(0, x.shape[0], chunk):
+        rows = x[start:start + chunk]
+        out[start:start + chunk] = (rows * rows).sum(1)
+    return out
+
+
+def _staging(src, rows: int) -> np.ndarray | None:
+    """A reusable buffer for :func:`_rows_into` to read an h5py dataset's rows into (None for arrays)."""
+    if not hasattr(src, "read_direct"):
+        return None
+    return np.empty((rows, int(src.shape[1])), dtype=src.dtype)
+
+
+def _rows_into(src, start: int, stop: int, buf: torch.Tensor, stage: np.ndarray | None = None) -> torch.Tensor:
+    """Rows ``start:stop`` of ``src`` (numpy array, memmap or h5py dataset, any float dtype) written as float32 into
+    the first rows of ``buf`` (on any device); returns that view. Only the block is read and converted; an h5py
+    dataset is read into ``stage`` (from :func:`_staging`) when given, so no block allocates fresh pages."""
+    if stage is not None:
+        rows = stage[:stop - start]
+        src.read_direct(rows, np.s_[start:stop])
+    else:
+        rows = np.ascontiguousarray(src[start:stop])
+    out = buf[:stop - start]
+    with warnings.catch_warnings():  # a read-only memmap: torch only reads it here
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        out.copy_(torch.from_numpy(rows))
+    return out
+
+
+class _DistanceBlocks:
+    """Squared L2 distances of a float32 query block to successive database blocks, in reused buffers; the database
+    rows' squared norms are computed on the first pass and kept (``num_db`` floats)."""
+
+    def __init__(self, db, num_queries: int, *, device: torch.device, block_rows: int):
+        self.db, self.block_rows, self.num_db = db, int(block_rows), int(db.shape[0])
+        rows = min(self.block_rows, self.num_db)
+        self.rows = torch.empty((rows, int(db.shape[1])), dtype=torch.float32, device=device)
+        self.prod = torch.empty((num_queries, rows), dtype=torch.float32, device=device)
+        self.dist = torch.empty((num_queries, rows), dtype=torch.float32, device=device)
+        self.d_sq = torch.empty(self.num_db, dtype=torch.float32, device=device)
+        self.stage = _staging(db, rows)
+        self.have_d_sq = False
+
+    def __call__(self, q: torch.Tensor, q_sq: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(start, (len(q), rows) float32 distances ≥ 0)`` per database block; each view is overwritten by
+        the next block. The arithmetic of ``(q_sq + ‖d‖²) − 2 (q @ dᵀ)`` clamped at 0."""
+        m = q.shape[0]
+        for start in range(0, self.num_db, self.block_rows):
+            stop = min(start + self.block_rows, self.num_db)
+            d = _rows_into(self.db, start, stop, self.rows, self.stage)
+            if not self.have_d_sq:
+                _row_sq_norms(d, self.d_sq[start:stop])
+            prod = torch.matmul(q, d.T, out=self.prod[:m, :stop - start])
+            dist = torch.add(q_sq, self.d_sq[None, start:stop], out=self.dist[:m, :stop - start])
+            dist.sub_(prod, alpha=2.0)  # 2·prod is exact: round(a − 2·prod), as the unbuffered expression
+            yield start, dist.clamp_min_(0.0)
+        self.have_d_sq = True
+
+
+def squared_distance_blocks(queries, db, *, device: torch.device | str = "cpu",
+                            block_rows: int = 1024) -> Iterator[tuple[int, torch.Tensor]]:
+    """Squared L2 distances of all ``queries`` (upcast to float32 on ``device`` at once) to ``db``, one GEMM per
+    ``block_rows`` database rows read from ``db`` (array, memmap or h5py dataset, float16 or float32): yields
+    ``(start, (M, rows) float32 tensor)``, each tensor overwritten by the next block."""
+    device = torch.device(device)
+    q = torch.empty((int(queries.shape[0]), int(queries.shape[1])), dtype=torch.float32, device=device)
+    _rows_into(queries, 0, int(queries.shape[0]), q)
+    q_sq = _row_sq_norms(q, torch.empty(q.shape[0], dtype=torch.float32, device=device))[:, None]
+    yield from _DistanceBlocks(db, q.shape[0], device=device, block_rows=block_rows)(q, q_sq)
+
+
+_LOW32 = 0xFFFFFFFF
+
+
+def _keys(dist: torch.Tensor, start: int, columns: torch.Tensor) -> torch.Tensor:
+    """int64 sort keys ``(float32 bits of dist) << 32 | database index``: for distances ≥ +0 their order is the order
+    of (distance, index), so a top-k on them is exact and ranks equal distances by the lower index."""
+    keys = dist.view(torch.int32).to(torch.int64)
+    keys.bitwise_and_(0x7FFFFFFF)  # -0.0 → +0.0 (a clamp may leave the sign bit)
+    keys.bitwise_left_shift_(32)
+    keys.add_(columns[:dist.shape[1]] + start)
+    return keys
+
+
+def exact_search(
+    db,
+    queries,
+    k: int,
+    *,
+    device: torch.device | str = "cpu",
+    block_rows: int = 512,
+    query_rows: int = 1024,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest database rows of every query by squared L2: ``(distances (M, k') float32, indices (M, k')
+    int64)``, ``k' = min(k, num_db)``, nearest first; equal distances are ranked by the lower database index.
+
+    Blocked matrix products in torch on ``device`` (float32 arithmetic): ``query_rows`` queries and ``block_rows``
+    database rows at a time are read from ``queries``/``db`` (numpy arrays, memmaps or h5py datasets, float16 or
+    float32) and upcast into reused float32 buffers; each block's top ``k'`` is merged exactly into the running top
+    ``k'``. Working memory is about ``4·D·(query_rows + block_rows) + 20·query_rows·block_rows`` bytes, whatever
+    the sizes of ``db`` and ``queries``. Distances are ``‖q‖² + ‖d‖² − 2 q·d`` in float32, clamped at 0 (what
+    faiss' ``IndexFlatL2`` computes, up to float rounding).
+    """
+    _check_search_inputs(db, queries, k, block_rows=block_rows, query_rows=query_rows)
+    device = torch.device(device)
+    num_db, num_queries, dim = int(db.shape[0]), int(queries.shape[0]), int(db.shape[1])
+    if num_db > _LOW32:
+        raise NetVLADError(f"exact search handles at most {_LOW32} database vectors, got {num_db}")
+    k = min(int(k), num_db)
+    distances = np.empty((num_queries, k), dtype=np.float32)
+    indices = np.empty((num_queries, k), dtype=np.int64)
+    if num_queries == 0:
+        return distances, indices
+    q_rows = min(int(query_rows), num_queries)
+    q_buf = torch.empty((q_rows, dim), dtype=torch.float32, device=device)
+    q_sq_buf = torch.empty(q_rows, dtype=torch.float32, device=device)
+    q_stage = _staging(queries, q_rows)
+    blocks = _DistanceBlocks(db, q_rows, device=device, block_rows=block_rows)
+    columns = torch.arange(min(int(block_rows), num_db), dtype=torch.int64, device=device)
+    for q_start in tqdm(range(0, num_queries, q_rows), desc="search", unit="batch", disable=not progress):
+        q = _rows_into(queries, q_start, min(q_start + q_rows, num_queries), q_buf, q_stage)
+        q_sq = _row_sq_norms(q, q_sq_buf[:q.shape[0]])[:, None]
+        best = None
+        for start, dist in blocks(q, q_sq):
+            keys = _keys(dist, start, columns)
+            if best is not None:
+                keys = torch.cat([best, keys], 1)
+            # the k smallest keys (= nearest, lower index first among equal distances) of the block and the best so far
+            best = torch.topk(keys, k, dim=1, largest=False, sorted=False).values if keys.shape[1] > k else keys
+        best = torch.sort(best, dim=1).values.cpu()
+        stop = q_start + q.shape[0]
+        distances[q_start:stop] = (best >> 32).to(torch.int32).view(torch.float32).numpy()
+        indices[q_start:stop] = (best & _LOW32).numpy()
+    return distances, indices
+
+
 def search(
     db,
     queries,
@@ -122,20 +282,21 @@ def search(
     index_params: str | None = None,
     batch_size: int = 1024,
     train_seed: int = 0,
+    device: torch.device | str = "cpu",
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` nearest database rows of every query: ``(distances (M, k') float32, indices (M, k') int64)``.
 
-    Exact squared-L2 search (``IndexFlatL2``) unless ``index_factory`` names an approximate faiss index (see
-    :func:`build_index`). ``k' = min(k, num_db)``. ``db`` and ``queries`` may be numpy arrays or h5py
-    datasets (any float dtype); queries are searched ``batch_size`` at a time, so memory stays bounded.
+    Exact squared-L2 search (:func:`exact_search` on ``device``, ``batch_size`` queries per block) unless
+    ``index_factory`` names an approximate faiss index (see :func:`build_index`; faiss on the CPU).
+    ``k' = min(k, num_db)``. ``db`` and ``queries`` may be numpy arrays or h5py datasets (any float dtype);
+    queries are searched ``batch_size`` at a time, so memory stays bounded.
     """
-    if k < 1:
-        raise NetVLADError(f"k must be at least 1, got {k}")
     if batch_size < 1:
         raise NetVLADError(f"batch size must be at least 1, got {batch_size}")
-    if len(db.shape) != 2 or len(queries.shape) != 2 or db.shape[1] != queries.shape[1]:
-        raise NetVLADError(f"database shape {tuple(db.shape)} and query shape {tuple(queries.shape)} do not match")
+    _check_search_inputs(db, queries, k)
+    if index_factory is None and not index_params:
+        return exact_search(db, queries, k, device=device, query_rows=batch_size, progress=progress)
     index = build_index(db, index_factory=index_factory, index_params=index_params, batch_size=batch_size,
                         train_seed=train_seed)
     k = min(int(k), int(db.shape[0]))

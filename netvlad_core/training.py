@@ -290,9 +290,9 @@ class TripletBatches(Dataset):
 def validate_recall(model: torch.nn.Module, split: Split, gt: GroundTruth, *, device: torch.device, batch_size: int,
                     num_workers: int, amp: str, model_cfg: ModelConfig, progress: bool = False,
                     dist: DistContext | None = None) -> dict[int, float]:
-    """recall@1/5/10 of ``model`` on ``split`` (exact faiss search over freshly encoded descriptors). Under
+    """recall@1/5/10 of ``model`` on ``split`` (exact search on ``device`` over freshly encoded descriptors). Under
     torchrun the encoding is sharded, rank 0 searches and every rank returns rank 0's figures."""
-    from .retrieval import recall_at_n, search
+    from .retrieval import exact_search, recall_at_n
 
     keep = dist is None or dist.is_main
     db = encode_into(model, split.db_files(), np.empty((split.num_db, model.out_dim), np.float32) if keep else None,
@@ -304,7 +304,7 @@ def validate_recall(model: torch.nn.Module, split: Split, gt: GroundTruth, *, de
                     desc="val queries", dist=dist)
     recall = None
     if keep:
-        _, idx = search(db, q, max(RECALL_NS))
+        _, idx = exact_search(db, q, max(RECALL_NS), device=device)
         recall = recall_at_n(idx, gt.positives, RECALL_NS)
     if dist is not None:
         recall = broadcast_object(recall, dist, what="sharing the validation recall")

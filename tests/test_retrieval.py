@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from netvlad_core.datasets.manifest import (
@@ -28,6 +29,7 @@ from netvlad_core.evaluation import EvalConfig, evaluate, example_queries
 from netvlad_core.retrieval import (
     collapse_panoramas,
     estimate_positions,
+    exact_search,
     first_correct_rank,
     localisation_errors,
     panorama_id_from_path,
@@ -68,7 +70,8 @@ def test_hand_case_search_recall_and_localisation():
     distances, indices = search(HAND_DB, HAND_Q, 10)
     assert indices.shape == (4, 6)  # k clipped to num_db
     np.testing.assert_array_equal(indices, HAND_RANKING)
-    np.testing.assert_allclose(distances[0], [0.01, 0.81, 1.21, 3.61, 4.41, 8.41], rtol=1e-5)
+    # ‖q‖² + ‖d‖² − 2 q·d in float32: the error is absolute, about 1e-7 × (‖q‖² + ‖d‖²) (here ≤ 34)
+    np.testing.assert_allclose(distances[0], [0.01, 0.81, 1.21, 3.61, 4.41, 8.41], rtol=1e-6, atol=1e-5)
 
     positives = hand_positives()
     assert [sorted(p.tolist()) for p in positives] == [[0, 1], [2, 3], [], [2, 3]]
@@ -128,6 +131,113 @@ def test_search_reads_h5py_datasets_in_batches(tmp_path):
         from_h5 = search(h5["db"], h5["query"], 5, batch_size=7)
     from_numpy = search(db.astype(np.float32), q.astype(np.float32), 5)
     np.testing.assert_array_equal(from_h5[1], from_numpy[1])
+
+
+# ---------------------------------------------------------------------------------------- blocked exact search
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def brute_force_ranking(db: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float64 squared distances, every row ranked by (distance, database index)."""
+    d = ((q.astype(np.float64)[:, None, :] - db.astype(np.float64)[None, :, :]) ** 2).sum(-1)
+    order = np.stack([np.lexsort((np.arange(d.shape[1]), row)) for row in d])
+    return np.take_along_axis(d, order, axis=1), order
+
+
+def dyadic_case(num_db: int = 90, num_q: int = 17, dim: int = 12, seed: int = 0):
+    """Descriptors with entries in {-1, -0.75, …, 1}: every product and sum is exact in float16 and float32, so
+    any two equal distances are equal in every blocking. Planted: exact duplicates of database rows (exact ties,
+    some in other blocks than their original), rows one step away from another (near ties: 2 steps² apart),
+    queries equal to a database row (distance 0) and a query halfway between two rows."""
+    rng = np.random.default_rng(seed)
+    db = rng.integers(-4, 5, size=(num_db, dim)) / 4.0
+    db[[40, 41, 89]] = db[3]  # ties with row 3, in later blocks
+    db[[7, 60]] = db[5]
+    db[50] = db[8]
+    db[50, 0] += 0.25 if db[8, 0] < 1 else -0.25  # a near tie of row 8
+    q = rng.integers(-4, 5, size=(num_q, dim)) / 4.0
+    q[0], q[1], q[2] = db[3], db[8], db[5]
+    q[3] = (db[8] + db[50]) / 2  # equidistant from rows 8 and 50 (entries in steps of 1/8: still exact)
+    return db, q
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_exact_search_equals_float64_brute_force_with_planted_ties(dtype, device):
+    db, q = dyadic_case()
+    bf_dist, bf_order = brute_force_ranking(db, q)
+    assert bf_dist[0, 0] == 0 and bf_dist[0, 1] == 0  # query 0 sits on the tied rows 3, 40, 41, 89
+    np.testing.assert_array_equal(bf_order[0, :4], [3, 40, 41, 89])
+    np.testing.assert_array_equal(bf_order[3, :2], [8, 50])
+    assert bf_dist[3, 0] == bf_dist[3, 1] > 0
+    for k in (1, 4, 30, 90, 500):
+        for block_rows, query_rows in ((512, 1024), (7, 3), (1, 1), (40, 17)):
+            dist, idx = exact_search(db.astype(dtype), q.astype(dtype), k, device=device, block_rows=block_rows,
+                                     query_rows=query_rows)
+            kk = min(k, len(db))
+            assert dist.dtype == np.float32 and idx.dtype == np.int64 and idx.shape == (len(q), kk)
+            np.testing.assert_array_equal(idx, bf_order[:, :kk], err_msg=f"k={k} blocks {block_rows}×{query_rows}")
+            np.testing.assert_array_equal(dist, bf_dist[:, :kk])
+            assert not np.signbit(dist).any()  # an exact match is +0, not -0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_exact_search_random_float16_matches_brute_force(device):
+    rng = np.random.default_rng(5)
+    db = rng.normal(size=(700, 96)).astype(np.float16)
+    q = rng.normal(size=(60, 96)).astype(np.float16)
+    bf_dist, bf_order = brute_force_ranking(db, q)
+    dist, idx = exact_search(db, q, 25, device=device, block_rows=64, query_rows=16)
+    np.testing.assert_allclose(dist, bf_dist[:, :25], rtol=1e-5, atol=1e-4)
+    # the ranking equals brute force wherever neighbouring distances are farther apart than float32 rounding
+    gaps = np.diff(bf_dist[:, :26], axis=1)  # gaps[:, r]: rank r to rank r + 1
+    clear = (gaps[:, :25] > 1e-3) & np.concatenate([np.ones((len(q), 1), bool), gaps[:, :24] > 1e-3], axis=1)
+    assert clear.mean() > 0.9
+    np.testing.assert_array_equal(idx[clear], bf_order[:, :25][clear])
+
+
+def test_exact_search_blocks_equal_one_block_and_read_files_in_blocks(tmp_path):
+    db, q = dyadic_case(num_db=300, num_q=40, dim=20, seed=3)
+    one = exact_search(db, q, 50, block_rows=len(db), query_rows=len(q))
+    with h5py.File(tmp_path / "f.h5", "w") as h5:
+        h5["db"], h5["query"] = db.astype(np.float16), q.astype(np.float16)
+    memmap = np.lib.format.open_memmap(tmp_path / "db.npy", mode="w+", dtype=np.float16, shape=db.shape)
+    memmap[:] = db
+    memmap.flush()
+    with h5py.File(tmp_path / "f.h5", "r") as h5:
+        inputs = {"h5py": (h5["db"], h5["query"]), "memmap": (np.load(tmp_path / "db.npy", mmap_mode="r"), q)}
+        for name, (db_in, q_in) in inputs.items():
+            for block_rows, query_rows in ((13, 5), (299, 39), (1, 40)):
+                blocked = exact_search(db_in, q_in, 50, block_rows=block_rows, query_rows=query_rows)
+                np.testing.assert_array_equal(blocked[1], one[1], err_msg=f"{name} {block_rows}×{query_rows}")
+                np.testing.assert_array_equal(blocked[0], one[0])
+    # random (non-dyadic) data: the same rankings, distances up to float rounding of the GEMM shapes
+    rng = np.random.default_rng(4)
+    db, q = rng.normal(size=(400, 64)).astype(np.float32), rng.normal(size=(30, 64)).astype(np.float32)
+    whole = exact_search(db, q, 20, block_rows=400, query_rows=30)
+    blocked = exact_search(db, q, 20, block_rows=33, query_rows=7)
+    np.testing.assert_array_equal(blocked[1], whole[1])
+    np.testing.assert_allclose(blocked[0], whole[0], rtol=1e-5, atol=1e-5)
+
+
+def test_search_exact_path_is_exact_search_and_bad_inputs_are_user_errors():
+    db, q = dyadic_case()
+    via_search = search(db, q, 10, batch_size=4)
+    direct = exact_search(db, q, 10)
+    np.testing.assert_array_equal(via_search[1], direct[1])
+    np.testing.assert_array_equal(via_search[0], direct[0])
+    empty = exact_search(db, q[:0], 5)
+    assert empty[0].shape == (0, 5) and empty[1].shape == (0, 5)
+    for kwargs, match in (({"block_rows": 0}, "block rows must be at least 1"),
+                          ({"query_rows": 0}, "query rows must be at least 1")):
+        with pytest.raises(NetVLADError, match=match):
+            exact_search(db, q, 5, **kwargs)
+    with pytest.raises(NetVLADError, match="k must be at least 1"):
+        exact_search(db, q, 0)
+    with pytest.raises(NetVLADError, match="empty database"):
+        exact_search(db[:0], q, 5)
+    with pytest.raises(NetVLADError, match="do not match"):
+        exact_search(db, q[:, :5], 5)
 
 
 def test_approximate_index():
