@@ -12,6 +12,7 @@ MODULES = [
     "netvlad_layer",
     "features",
     "training",
+    "trunk_cache",
     "distributed",
 ]
 
