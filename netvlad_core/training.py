@@ -13,6 +13,12 @@ from ``(seed, epoch)``, in *refresh blocks* of ``cache_refresh_rate`` queries. E
    batch; a batch with none left is no step). Each query contributes ``[q, p, n_1..n_k]`` images to one forward
    pass; the loss is the sum over the batch's triplets divided by their number.
 
+With the trunk cache (``trunk_cache``: ``auto``/``on``; :mod:`netvlad_core.trunk_cache`) the frozen trunk's output at
+the freeze boundary is computed once, before the first epoch, for every train and val image; steps 2 and 4 and the
+validation then run only the model's trainable part (:meth:`netvlad_core.models.PlaceModel.split_trunk`) on the
+cached activations, and no image is decoded again. In float32 storage this is the image run up to float rounding; in
+float16 (the default) the activations are rounded to float16 first, which moves the result slightly.
+
 After each epoch: the learning rate schedule steps (StepLR), recall@1/5/10 is measured on the validation split
 with :mod:`netvlad_core.retrieval`, the weights of the best epoch by recall@5 are kept (in memory and in the
 checkpoint), an epoch-end checkpoint is written, and training stops after ``patience`` epochs without improvement
@@ -30,14 +36,16 @@ and scheduler state, the best model so far, the negative cache, the RNG states (
 generator), the epoch, the epoch's query order and the position in it, the best recall and
 the epochs without improvement, the DVCLive step, and the DVCLive files written so far (metrics.json,
 params.yaml and the plots' .tsv files, as text). A checkpoint is resumed only when its hash (:func:`run_identity`)
-matches: the training parameters (all but ``workers`` and ``cache_memmap``), the initial model's config and
+matches: the training parameters (all but ``workers``, ``cache_memmap`` and the trunk-cache options, which enter
+as what they resolved to: ``off``, ``float16`` or ``float32``), the initial model's config and
 weights (sha256 of the state dict), the device type, the checkpoint format, and both splits' content
 (:func:`netvlad_core.datasets.manifest.split_fingerprint`: dataset and split names, thresholds, image root, every
 manifest row's role, path, UTM and timestamp, and each image file's size and mtime); otherwise a one-line notice is
 printed and training starts over. On resume the DVCLive files are restored from the checkpoint before DVCLive
 opens the folder (``dvc repro`` deletes it before rerunning the stage), so the curves equal an uninterrupted run's.
-The checkpoint is deleted after a successful finish. On CPU (deterministic algorithms on, ordered loaders) a
-resumed run ends with the same weights, bit for bit, as an uninterrupted one.
+The checkpoint (and the trunk cache, unless ``keep_trunk_cache``) is deleted after a successful finish. On CPU
+(deterministic algorithms on, ordered loaders) a resumed run ends with the same weights, bit for bit, as an
+uninterrupted one.
 
 Under torchrun (``dist``, :mod:`netvlad_core.distributed`) ``batch_size`` is the global batch. Cache refreshes and
 validation are sharded over the ranks (:func:`netvlad_core.features.encode_rounds`); rank 0 holds the cache, mines
