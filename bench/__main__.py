@@ -14,6 +14,7 @@ MODULES = [
     "netvlad_layer",
     "features",
     "training",
+    "trunk_cache",
     "distributed",
     "search",
     "released",

@@ -13,6 +13,12 @@ from ``(seed, epoch)``, in *refresh blocks* of ``cache_refresh_rate`` queries. E
    batch; a batch with none left is no step). Each query contributes ``[q, p, n_1..n_k]`` images to one forward
    pass; the loss is the sum over the batch's triplets divided by their number.
 
+With the trunk cache (``trunk_cache``: ``auto``/``on``; :mod:`netvlad_core.trunk_cache`) the frozen trunk's output at
+the freeze boundary is computed once, before the first epoch, for every train and val image; steps 2 and 4 and the
+validation then run only the model's trainable part (:meth:`netvlad_core.models.PlaceModel.split_trunk`) on the
+cached activations, and no image is decoded again. In float32 storage this is the image run up to float rounding; in
+float16 (the default) the activations are rounded to float16 first, which moves the result slightly.
+
 After each epoch: the learning rate schedule steps (StepLR), recall@1/5/10 is measured on the validation split
 with :mod:`netvlad_core.retrieval`, the weights of the best epoch by recall@5 are kept (in memory and in the
 checkpoint), an epoch-end checkpoint is written, and training stops after ``patience`` epochs without improvement
@@ -30,14 +36,16 @@ and scheduler state, the best model so far, the negative cache, the RNG states (
 generator), the epoch, the epoch's query order and the position in it, the best recall and
 the epochs without improvement, the DVCLive step, and the DVCLive files written so far (metrics.json,
 params.yaml and the plots' .tsv files, as text). A checkpoint is resumed only when its hash (:func:`run_identity`)
-matches: the training parameters (all but ``workers`` and ``cache_memmap``), the initial model's config and
+matches: the training parameters (all but ``workers``, ``cache_memmap`` and the trunk-cache options, which enter
+as what they resolved to: ``off``, ``float16`` or ``float32``), the initial model's config and
 weights (sha256 of the state dict), the device type, the checkpoint format, and both splits' content
 (:func:`netvlad_core.datasets.manifest.split_fingerprint`: dataset and split names, thresholds, image root, every
 manifest row's role, path, UTM and timestamp, and each image file's size and mtime); otherwise a one-line notice is
 printed and training starts over. On resume the DVCLive files are restored from the checkpoint before DVCLive
 opens the folder (``dvc repro`` deletes it before rerunning the stage), so the curves equal an uninterrupted run's.
-The checkpoint is deleted after a successful finish. On CPU (deterministic algorithms on, ordered loaders) a
-resumed run ends with the same weights, bit for bit, as an uninterrupted one.
+The checkpoint (and the trunk cache, unless ``keep_trunk_cache``) is deleted after a successful finish. On CPU
+(deterministic algorithms on, ordered loaders) a resumed run ends with the same weights, bit for bit, as an
+uninterrupted one.
 
 Under torchrun (``dist``, :mod:`netvlad_core.distributed`) ``batch_size`` is the global batch. Cache refreshes and
 validation are sharded over the ranks (:func:`netvlad_core.features.encode_rounds`); rank 0 holds the cache, mines
@@ -85,8 +93,9 @@ from .models.build import ModelConfig
 CHECKPOINT_NAME = "train_state.pt"
 CHECKPOINT_FORMAT = 2  # 2: the DVCLive history travels with the checkpoint ("live_files")
 RECALL_NS = (1, 5, 10)
-# Options that change what is computed; the rest (workers, progress, paths) do not enter the checkpoint hash.
-_NOT_IN_IDENTITY = ("workers", "cache_memmap")
+# Options that change what is computed; the rest (workers, progress, paths) do not enter the checkpoint hash. The
+# trunk-cache options enter it as what they resolve to (off, float16 or float32: see run_identity).
+_NOT_IN_IDENTITY = ("workers", "cache_memmap", "trunk_cache", "trunk_cache_dtype", "keep_trunk_cache")
 
 
 @dataclass
@@ -111,6 +120,14 @@ class TrainConfig:
     amp: str = option("bf16", "Autocast dtype on GPU: bf16, fp16 or fp32 (ignored on CPU).")
     cache_memmap: bool = option(False, "Keep the database descriptor cache in a memory-mapped file in the "
                                 "checkpoint dir instead of RAM.")
+    trunk_cache: str = option("auto", "Frozen-trunk activation cache (the backbone's output at the freeze boundary, "
+                              "computed once into the checkpoint dir; refreshes, steps and validation then run only "
+                              "the trainable layers): auto (when there is a frozen trunk and the file fits the free "
+                              "disk), on (required), off.")
+    trunk_cache_dtype: str = option("float16", "Storage of the trunk cache: float16 (half the disk; changes the "
+                                    "results slightly) or float32 (the same results up to float rounding).")
+    keep_trunk_cache: bool = option(False, "Keep the trunk cache after a successful run (a later run with the same "
+                                    "trunk weights, splits and input size reuses it).")
     mining: MiningConfig = dataclasses.field(default_factory=MiningConfig)
 
     def validate(self) -> None:
@@ -133,6 +150,13 @@ class TrainConfig:
             raise NetVLADError(f"lr-gamma must be in (0, 1], got {self.lr_gamma}")
         if self.amp not in ("bf16", "fp16", "fp32"):
             raise NetVLADError(f"amp must be bf16, fp16 or fp32, got {self.amp!r}")
+        from .trunk_cache import DTYPES, MODES
+
+        if self.trunk_cache not in MODES:
+            raise NetVLADError(f"trunk-cache must be one of {', '.join(MODES)}, got {self.trunk_cache!r}")
+        if self.trunk_cache_dtype not in DTYPES:
+            raise NetVLADError(f"trunk-cache-dtype must be one of {', '.join(DTYPES)}, got "
+                               f"{self.trunk_cache_dtype!r}")
         self.mining.validate()
 
 
@@ -285,23 +309,55 @@ class TripletBatches(Dataset):
         return torch.stack(images), torch.tensor(counts, dtype=torch.int64)
 
 
+class CachedTripletBatches:
+    """:class:`TripletBatches` from the trunk cache: item ``i`` = ``(activations, counts)`` of the ``i``-th batch,
+    the frozen trunk's cached output for ``[q, p, n_1..n_k]`` of each query instead of the decoded images."""
+
+    def __init__(self, batches: list[list[Triplets]], cache):
+        self.batches = batches
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, counts = [], []
+        for t in self.batches[i]:
+            rows.append(self.cache.rows("train_q", [t.query]))
+            rows.append(self.cache.rows("train_db", [t.positive, *t.negatives]))
+            counts.append(len(t.negatives))
+        return self.cache.activations(np.concatenate(rows)), torch.tensor(counts, dtype=torch.int64)
+
+    def loader(self, **_):
+        return (self[i] for i in range(len(self)))
+
+
 # -------------------------------------------------------------------------------------------------- validation
 
 def validate_recall(model: torch.nn.Module, split: Split, gt: GroundTruth, *, device: torch.device, batch_size: int,
                     num_workers: int, amp: str, model_cfg: ModelConfig, progress: bool = False,
-                    dist: DistContext | None = None) -> dict[int, float]:
+                    dist: DistContext | None = None, cached: tuple | None = None) -> dict[int, float]:
     """recall@1/5/10 of ``model`` on ``split`` (exact search on ``device`` over freshly encoded descriptors). Under
-    torchrun the encoding is sharded, rank 0 searches and every rank returns rank 0's figures."""
+    torchrun the encoding is sharded, rank 0 searches and every rank returns rank 0's figures. ``cached``:
+    ``(trainable part, trunk cache)`` — encode the split's rows ``val_db``/``val_q`` of the trunk cache with the
+    model's trainable part instead of its images."""
     from .retrieval import exact_search, recall_at_n
 
     keep = dist is None or dist.is_main
-    db = encode_into(model, split.db_files(), np.empty((split.num_db, model.out_dim), np.float32) if keep else None,
-                     model_cfg=model_cfg, device=device, batch_size=batch_size, num_workers=num_workers, amp=amp,
-                     progress=progress, desc="val db", dist=dist)
-    q = encode_into(model, split.query_files(),
-                    np.empty((split.num_queries, model.out_dim), np.float32) if keep else None, model_cfg=model_cfg,
-                    device=device, batch_size=batch_size, num_workers=num_workers, amp=amp, progress=progress,
-                    desc="val queries", dist=dist)
+    out_db = np.empty((split.num_db, model.out_dim), np.float32) if keep else None
+    out_q = np.empty((split.num_queries, model.out_dim), np.float32) if keep else None
+    if cached is not None:
+        from .trunk_cache import encode_cached
+
+        part, cache = cached
+        db, q = (encode_cached(part, cache, cache.rows(name), out, device=device, batch_size=batch_size, amp=amp,
+                               progress=progress, desc=desc, dist=dist)
+                 for name, out, desc in (("val_db", out_db, "val db"), ("val_q", out_q, "val queries")))
+    else:
+        db = encode_into(model, split.db_files(), out_db, model_cfg=model_cfg, device=device, batch_size=batch_size,
+                         num_workers=num_workers, amp=amp, progress=progress, desc="val db", dist=dist)
+        q = encode_into(model, split.query_files(), out_q, model_cfg=model_cfg, device=device, batch_size=batch_size,
+                        num_workers=num_workers, amp=amp, progress=progress, desc="val queries", dist=dist)
     recall = None
     if keep:
         _, idx = exact_search(db, q, max(RECALL_NS), device=device)
@@ -340,14 +396,17 @@ def restore_rng_states(states: dict, mining_rng: np.random.Generator) -> None:
 
 
 def run_identity(cfg: TrainConfig, model_cfg, init_fingerprint: str, train_split: Split, val_split: Split,
-                 device: torch.device) -> str:
-    """The hash a checkpoint must carry to be resumed: the training parameters (except workers and cache-memmap),
-    the model config, the initial weights' fingerprint, both splits' content and image files
-    (:func:`netvlad_core.datasets.manifest.split_fingerprint`), the device type and the checkpoint format."""
+                 device: torch.device, trunk_cache: str = "off") -> str:
+    """The hash a checkpoint must carry to be resumed: the training parameters (except workers, cache-memmap and
+    the trunk-cache options), the model config, the initial weights' fingerprint, both splits' content and image
+    files (:func:`netvlad_core.datasets.manifest.split_fingerprint`), the device type, the checkpoint format, and
+    what the trunk cache resolved to (``off``, ``float16`` or ``float32``: the trunk cache changes the result by
+    float rounding in float32, slightly more in float16, so a run resumes only with the same one)."""
     params = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_IDENTITY}
     blob = json.dumps({"train": params, "model": model_cfg.to_dict(), "init_weights": init_fingerprint,
                        "train_split": split_fingerprint(train_split), "val_split": split_fingerprint(val_split),
-                       "device": device.type, "format": CHECKPOINT_FORMAT}, sort_keys=True, default=str)
+                       "device": device.type, "format": CHECKPOINT_FORMAT, "trunk_cache": trunk_cache},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -543,6 +602,9 @@ class _Run:
     say: Callable[[str], None]
     show: bool
     db_cache: np.ndarray | None = None
+    # the frozen-trunk activation cache and the model's trainable part that runs on it (None: train on images)
+    trunk_cache: object | None = None
+    part: torch.nn.Module | None = None
 
     @property
     def is_main(self) -> bool:
@@ -630,13 +692,22 @@ def _refresh_and_mine(run: _Run, state: TrainState, block: np.ndarray) -> list[T
     out_dim, dtype = int(model.out_dim), cache_dtype(run.device)
     if run.db_cache is None and run.is_main:  # under torchrun only rank 0 keeps the cache and mines
         run.db_cache = allocate_cache(split.num_db, out_dim, dtype, run.memmap_path)
-    query_files = split.query_files()
-    encode = functools.partial(encode_into, model, model_cfg=run.model_cfg, device=run.device,
-                               batch_size=cfg.encode_batch_size, num_workers=cfg.workers, amp=cfg.amp,
-                               progress=run.show, dist=run.dist)
-    encode(split.db_files(), run.db_cache, desc="cache db")
-    q_cache = encode([query_files[i] for i in block], np.empty((len(block), out_dim), dtype) if run.is_main else None,
-                     desc="cache queries")
+    q_out = np.empty((len(block), out_dim), dtype) if run.is_main else None
+    if run.trunk_cache is not None:  # the trainable part on the cached trunk activations
+        from .trunk_cache import encode_cached
+
+        cache = run.trunk_cache
+        encode = functools.partial(encode_cached, run.part, cache, device=run.device, batch_size=cfg.encode_batch_size,
+                                   amp=cfg.amp, progress=run.show, dist=run.dist)
+        encode(cache.rows("train_db"), run.db_cache, desc="cache db")
+        q_cache = encode(cache.rows("train_q", block), q_out, desc="cache queries")
+    else:
+        query_files = split.query_files()
+        encode = functools.partial(encode_into, model, model_cfg=run.model_cfg, device=run.device,
+                                   batch_size=cfg.encode_batch_size, num_workers=cfg.workers, amp=cfg.amp,
+                                   progress=run.show, dist=run.dist)
+        encode(split.db_files(), run.db_cache, desc="cache db")
+        q_cache = encode([query_files[i] for i in block], q_out, desc="cache queries")
     mined = stats = None
     if run.is_main:
         mined, stats = mine_triplets(block, q_cache, run.db_cache, train_positives=run.train_gt.train_positives,
@@ -658,9 +729,12 @@ def _train_block(run: _Run, state: TrainState, mined: list[Triplets | None], bar
     parts = [[b[i] for i in shard_indices(len(b), run.dist.rank, run.dist.world_size)] for b in batches] \
         if run.distributed else batches
     nonempty = [p for p in parts if p]
-    loaded = iter(TripletBatches(nonempty, run.train_split, run.model_cfg,
-                                 min_side=int(getattr(state.model, "stride", None) or 1)).loader(
-        num_workers=min(cfg.workers, len(nonempty)), pin_memory=run.device.type == "cuda"))
+    if run.trunk_cache is not None:  # cached trunk activations instead of decoded images
+        batches_of = CachedTripletBatches(nonempty, run.trunk_cache)
+    else:
+        batches_of = TripletBatches(nonempty, run.train_split, run.model_cfg,
+                                    min_side=int(getattr(state.model, "stride", None) or 1))
+    loaded = iter(batches_of.loader(num_workers=min(cfg.workers, len(nonempty)), pin_memory=run.device.type == "cuda"))
     for group, triplets, part in zip(groups, batches, parts):
         if triplets:
             images, counts = next(loaded) if part else (None, None)
@@ -683,7 +757,8 @@ def _end_epoch(run: _Run, state: TrainState) -> None:
     state.skipped_queries += stats.skipped
     recall = validate_recall(state.model, run.val_split, run.val_gt, device=run.device,
                              batch_size=cfg.encode_batch_size, num_workers=cfg.workers, amp=cfg.amp,
-                             model_cfg=run.model_cfg, progress=run.show, dist=run.dist)
+                             model_cfg=run.model_cfg, progress=run.show, dist=run.dist,
+                             cached=(run.part, run.trunk_cache) if run.trunk_cache is not None else None)
     _log_row(run, state, {**{f"val/recall@{n}": r for n, r in recall.items()},
                           "train/skipped_queries": stats.skipped,
                           "train/epoch_violating_fraction": stats.violating_fraction, "epoch": state.epoch + 1})
@@ -707,7 +782,7 @@ def _end_epoch(run: _Run, state: TrainState) -> None:
 
 def _finish(run: _Run, state: TrainState, out: Path, model_cfg) -> None:
     """Rank 0: the best weights to ``out`` (written only now: an interrupted run leaves no ``out``), the DVCLive
-    summary, and the checkpoint and memory-mapped cache removed."""
+    summary, and the checkpoint, the memory-mapped cache and the trunk cache (unless kept) removed."""
     from .models import save_model
 
     final = copy.deepcopy(state.model).cpu() if run.device.type != "cpu" else state.model
@@ -720,6 +795,11 @@ def _finish(run: _Run, state: TrainState, out: Path, model_cfg) -> None:
     run.checkpoint_path.unlink(missing_ok=True)
     if run.memmap_path is not None:
         run.memmap_path.unlink(missing_ok=True)
+    if run.trunk_cache is not None and not run.cfg.keep_trunk_cache:
+        from .trunk_cache import remove_trunk_cache
+
+        run.trunk_cache = None
+        remove_trunk_cache(run.checkpoint_path.parent)
 
 
 def train(
@@ -758,9 +838,14 @@ def train(
     out, live_dir, checkpoint_dir = Path(out), Path(live_dir), Path(checkpoint_dir)
     usable = _check_inputs(out, live_dir, checkpoint_dir, train_split, train_gt, val_split, val_gt)
     model = prepare_model(model, device).eval()
+    # the frozen-trunk cache: decided (and announced) now, built once the checkpoint is resumed or not
+    from .trunk_cache import build_trunk_cache, cache_identity, plan_trunk_cache
+
+    plan = plan_trunk_cache(model, model_cfg, train_split, val_split, mode=cfg.trunk_cache,
+                            dtype=cfg.trunk_cache_dtype, folder=checkpoint_dir, device=device, dist=dist, log=say)
     # only rank 0 reads and writes checkpoints, so only it stats the image files for the identity
-    identity = run_identity(cfg, model_cfg, model_fingerprint(model), train_split, val_split, device) \
-        if is_main else None
+    identity = run_identity(cfg, model_cfg, model_fingerprint(model), train_split, val_split, device,
+                            trunk_cache=plan.dtype if plan is not None else "off") if is_main else None
     optimizer, scheduler = _optimiser(model, cfg)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.amp == "fp16" else None
 
@@ -781,12 +866,21 @@ def train(
     del checkpoint
     live = Live(dir=str(live_dir), resume=resumed, save_dvc_exp=False, dvcyaml=None) if is_main else _NoLive()
     live.step = state.live_step
-    step = _step_function(model, optimizer, scaler, cfg, device, model_cfg, dist)  # builds the DDP model, once
+    net = plan.part if plan is not None else model  # what a step runs: the trainable part on cached activations
+    blank = (1, *plan.shape) if plan is not None else (1, 3, model_cfg.input_height, model_cfg.input_width)
+    step = _step_function(net, optimizer, scaler, cfg, device, model_cfg, dist, blank)  # builds the DDP model, once
     if not resumed:
         live.log_params({k: v for k, v in asdict(cfg).items()})
     run = _Run(cfg=cfg, device=device, dist=dist, model_cfg=model_cfg, train_split=train_split, train_gt=train_gt,
                val_split=val_split, val_gt=val_gt, usable=usable, step=step, live=live, live_dir=live_dir,
                checkpoint_path=checkpoint_path, identity=identity, say=say, show=progress and is_main)
+    if plan is not None and state.epoch < cfg.epochs and not state.stopped:
+        key = cache_identity(plan, model_cfg, train_split, val_split, device=device, amp=cfg.amp) if is_main else None
+        run.trunk_cache = build_trunk_cache(plan, key, model_cfg=model_cfg, device=device,
+                                            batch_size=cfg.encode_batch_size, num_workers=cfg.workers, amp=cfg.amp,
+                                            stride=int(getattr(model, "stride", None) or 1), progress=run.show,
+                                            dist=dist, log=say)
+        run.part = plan.part
 
     # ---- epochs of refresh blocks, each epoch ended by validation and a checkpoint
     with _deterministic(device):
@@ -823,9 +917,12 @@ def _backward_and_step(loss: torch.Tensor, optimizer, scaler) -> None:
 
 
 def _step_function(model: torch.nn.Module, optimizer, scaler, cfg: TrainConfig, device: torch.device,
-                   model_cfg: ModelConfig, dist: DistContext | None) -> TrainStep:
+                   model_cfg: ModelConfig, dist: DistContext | None,
+                   blank_shape: tuple[int, ...] | None = None) -> TrainStep:
     """The step of a run, chosen once: :func:`_train_step` in a single process; under torchrun
-    :func:`_distributed_train_step` on the model wrapped (here, once) by :func:`_wrap_ddp`."""
+    :func:`_distributed_train_step` on the model wrapped (here, once) by :func:`_wrap_ddp`. ``model`` is the whole
+    model on images, or its trainable part on trunk activations; ``blank_shape`` is the shape of the blank input a
+    rank without a query runs (one image by default)."""
     if dist is None or not dist.enabled:
         def step(images, counts, triplets):
             return _train_step(model, optimizer, scaler, images, counts, device, cfg)[0]
@@ -835,7 +932,8 @@ def _step_function(model: torch.nn.Module, optimizer, scaler, cfg: TrainConfig, 
 
     def distributed_step(images, counts, triplets):
         return _distributed_train_step(ddp_model, optimizer, scaler, images, counts, device, cfg, model_cfg=model_cfg,
-                                       dist=dist, num_triplets=sum(len(t.negatives) for t in triplets))
+                                       dist=dist, num_triplets=sum(len(t.negatives) for t in triplets),
+                                       blank_shape=blank_shape)
 
     return distributed_step
 
@@ -865,7 +963,7 @@ def _sum_gradients(state, bucket):
 
 def _distributed_train_step(ddp_model, optimizer, scaler, images: torch.Tensor | None, counts: torch.Tensor | None,
                             device: torch.device, cfg: TrainConfig, *, model_cfg: ModelConfig, dist: DistContext,
-                            num_triplets: int) -> float:
+                            num_triplets: int, blank_shape: tuple[int, ...] | None = None) -> float:
     """One optimisation step of a global batch under DistributedDataParallel: this rank's queries (``images``,
     ``counts``; ``None`` when the batch has fewer queries than there are ranks) give the loss
     ``Σ its triplet losses / num_triplets`` (the global batch's triplet count); the summed gradients are then the
@@ -875,7 +973,8 @@ def _distributed_train_step(ddp_model, optimizer, scaler, images: torch.Tensor |
         # Nothing to train on here, but every rank must join the gradient all-reduce: one blank image whose
         # output is multiplied by 0 gives every trainable parameter a zero gradient.
         with autocast(device, cfg.amp):
-            desc = ddp_model(to_device(torch.zeros(1, 3, model_cfg.input_height, model_cfg.input_width), device))
+            shape = blank_shape or (1, 3, model_cfg.input_height, model_cfg.input_width)
+            desc = ddp_model(to_device(torch.zeros(*shape), device))
         local = desc.float().sum() * 0.0
     else:
         with autocast(device, cfg.amp):

@@ -31,7 +31,9 @@ def main(
     """Train the place model with triplets mined from the train split (best positive within 10 m in feature space,
     hard negatives beyond 25 m); keep the best epoch by validation recall@5. Rerunning after an interruption
     resumes from the last checkpoint if it was made with the same parameters, initial model and splits (images
-    included); otherwise it starts over with a notice. Under torchrun each process takes a share of every batch
+    included); otherwise it starts over with a notice. With the trunk cache (trunk-cache auto or on) the frozen
+    backbone layers run once per image, before the first epoch, into the checkpoint dir, and training runs only the
+    trainable layers on their cached output. Under torchrun each process takes a share of every batch
     (batch-size is the global batch) and rank 0 writes."""
     train_model_file(init_model, train_split, val_split, out, live_dir=live_dir, checkpoint_dir=checkpoint_dir,
                      cfg=dataclasses.replace(cfg, mining=mining), trainable_blocks=boundary.trainable_blocks,

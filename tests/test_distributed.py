@@ -40,7 +40,8 @@ SAMPLE = dict(num_descriptors=61, per_image=4, seed=3, batch_size=3, num_workers
 # nothing: zero-weighted step), then 2
 TRAIN = dict(epochs=1, batch_size=3, num_negatives=3, num_negatives_sampled=8, cache_refresh_rate=4, margin=3.0,
              lr=0.01, encode_batch_size=4, workers=0, seed=7)
-ONE_STEP = {**TRAIN, "epochs": 1, "max_queries_per_epoch": 3}  # one global batch of 3 queries: 2 + 1 per rank
+ONE_STEP = {**TRAIN, "epochs": 1, "max_queries_per_epoch": 3,  # one global batch of 3 queries: 2 + 1 per rank
+            "trunk_cache": "off"}  # on images (TRAIN, the whole run, trains on the trunk cache: auto)
 MINING_KEYS = ("margin", "loss", "num_negatives", "num_negatives_sampled")
 
 

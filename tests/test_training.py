@@ -1,8 +1,10 @@
-"""Triplet training: a real SIGKILL mid-run resumes to bitwise the same model; foreign checkpoints are not resumed."""
+"""Triplet training: a real SIGKILL mid-run (also during the trunk-cache build) resumes to bitwise the same model;
+foreign checkpoints are not resumed; the trunk cache trains the model that images train."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import shutil
 import signal
@@ -77,13 +79,14 @@ def tiny(tmp_path_factory) -> dict:
 def _args(tiny: dict, run: str, **overrides) -> list[str]:
     opts = {"epochs": 2, "batch-size": 2, "num-negatives": 3, "num-negatives-sampled": 8, "cache-refresh-rate": 2,
             "margin": 3.0, "lr": 0.01, "lr-step": 1, "patience": 2, "encode-batch-size": 8, "workers": 0,
-            "seed": 7, "device": "cpu", "trainable-blocks": 1, **overrides}
+            "seed": 7, "device": "cpu", "trainable-blocks": 1, "trunk-cache": "off", **overrides}
+    init = opts.pop("init", tiny["init"])
     run_dir = tiny["root"] / run
-    args = ["--init-model", str(tiny["init"]), "--train-split", str(tiny["train"]), "--val-split", str(tiny["val"]),
+    args = ["--init-model", str(init), "--train-split", str(tiny["train"]), "--val-split", str(tiny["val"]),
             "--out", str(run_dir / "model.pt"), "--live-dir", str(run_dir / "live"),
             "--checkpoint-dir", str(run_dir / "ckpt"), "--no-progress"]
     for k, v in opts.items():
-        args += [f"--{k}", str(v)]
+        args += [f"--{k}"] if v is True else [f"--{k}", str(v)]
     return args
 
 
@@ -313,3 +316,149 @@ def test_train_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     assert {p.relative_to(tmp_path / "live2").as_posix(): p.read_text()
             for p in (tmp_path / "live2").rglob("*") if p.is_file()} == \
         {"metrics.json": '{"step": 7}', "plots/metrics/train/loss.tsv": "step\tloss\n0\t1.5\n"}
+
+
+# ------------------------------------------------------------------------------------------------- trunk cache
+
+def _cut_models():
+    from netvlad_core.models import ModelConfig, build_model
+
+    for backbone, blocks in (("resnet18_layer3", 1), ("resnet18_layer3", 0), ("vgg16", 3), ("efficientnet_lite0", 1)):
+        cfg = ModelConfig(backbone=backbone, weights="none", trainable_blocks=blocks, num_clusters=4,
+                          input_height=H, input_width=W)
+        yield f"{backbone}:{blocks}", build_model(cfg).eval()
+
+
+@pytest.mark.parametrize("name", [n for n, _ in _cut_models()])
+@pytest.mark.parametrize("whiten", [False, True])
+def test_trainable_part_on_cached_activations_equals_the_full_models_forward_and_gradients(name, whiten):
+    """Descriptors and the loss's gradients of every trainable parameter, computed by the whole model on images and
+    by the trainable part on the trunk's activations stored as float32 (and float16: close, not equal)."""
+    from netvlad_core.mining import batch_loss
+
+    model = dict(_cut_models())[name]
+    if whiten:
+        g = torch.Generator().manual_seed(1)
+        model.set_whitening(torch.randn(6, model.pool.out_dim, generator=g), torch.randn(6, generator=g))
+    images = torch.randn(7, 3, H, W, generator=torch.Generator().manual_seed(0))
+    counts = [2, 3]  # [q, p, n, n] + [q, p, n, n, n]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(fn, x):
+        for p in trainable:
+            p.grad = None
+        desc = fn(x)
+        batch_loss(desc, counts, margin=10.0, loss="squared")[0].backward()
+        return desc.detach(), [p.grad.clone() for p in trainable]
+
+    want_desc, want_grads = grads(model, images)
+    trunk, part = model.split_trunk()
+    assert not any(p.requires_grad for p in trunk.parameters()), "the trunk is frozen"
+    assert {id(p) for p in part.parameters() if p.requires_grad} == {id(p) for p in trainable}
+    with torch.no_grad():
+        activations = trunk(images).numpy()
+    got_desc, got_grads = grads(part, torch.from_numpy(activations.astype(np.float32)))
+    torch.testing.assert_close(got_desc, want_desc, rtol=1e-5, atol=1e-6)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    half_desc, _ = grads(part, torch.from_numpy(activations.astype(np.float16).astype(np.float32)))
+    assert float((half_desc - want_desc).abs().max()) < 2e-2
+
+
+def test_frozen_trunk_is_deterministic_in_train_mode():
+    """Frozen BatchNorm layers stay in eval mode when the model is put in training mode, so the trunk's output (what
+    the cache stores) does not depend on the mode or on the batch it is computed in."""
+    model = dict(_cut_models())["resnet18_layer3:1"]
+    trunk, _ = model.split_trunk()
+    bns = [m for m in trunk.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    images = torch.randn(4, 3, H, W, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = trunk(images)
+        model.train()
+        assert bns and not any(m.training for m in bns)
+        got = torch.cat([trunk(images[:1]), trunk(images[1:])])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_no_frozen_trunk_and_trunk_cache_on_is_one_line_error(tiny, tmp_path):
+    proc = _start(_args(tiny, "all_trainable", **{"trainable-blocks": -1, "trunk-cache": "on"}))
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 2 and err.strip().count("\n") == 0 and "trunk-cache on" in err, err
+
+
+def _trunk_sidecar(run_dir: Path) -> dict | None:
+    import json
+
+    try:
+        return json.loads((run_dir / "ckpt" / "trunk_cache.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@pytest.fixture(scope="module")
+def cached_runs(tiny, runs) -> dict:
+    """With the trunk cache: the small model's run in float32 (against the image run of ``runs``); and the same
+    model at 240×320 (a build slow enough to be killed in the middle) uninterrupted, SIGKILLed during the cache
+    build and rerun, and SIGKILLed after its first checkpoint and rerun (keeping its cache)."""
+    from netvlad_core.models import load_model, save_model
+
+    root = tiny["root"]
+    _finish(_start(_args(tiny, "cached_f32", **{"trunk-cache": "on", "trunk-cache-dtype": "float32"})))
+    model, cfg = load_model(tiny["init"])
+    big = root / "init_big.pt"
+    save_model(big, model, dataclasses.replace(cfg, input_height=240, input_width=320))
+    opts = {"init": big, "trunk-cache": "on", "encode-batch-size": 4}
+    reference = _start(_args(tiny, "big_ref", **opts))
+    killed = _start(_args(tiny, "big_build_killed", **opts))
+    deadline = time.monotonic() + 120
+    while not ((side := _trunk_sidecar(root / "big_build_killed")) and side["done"] > 0):
+        assert killed.poll() is None and time.monotonic() < deadline, "no trunk-cache progress appeared"
+        time.sleep(0.005)
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate(timeout=30)
+    side_at_kill = _trunk_sidecar(root / "big_build_killed")
+    ckpt_at_kill = (root / "big_build_killed" / "ckpt" / CHECKPOINT_NAME).exists()
+    build_resumed = _finish(_start(_args(tiny, "big_build_killed", **opts)))
+    late = _start(_args(tiny, "big_train_killed", **opts, **{"keep-trunk-cache": True}))
+    _kill_after_checkpoint(late, root / "big_train_killed" / "ckpt" / CHECKPOINT_NAME)
+    late_state = load_state(root / "big_train_killed" / "ckpt" / CHECKPOINT_NAME)
+    train_resumed = _finish(_start(_args(tiny, "big_train_killed", **opts, **{"keep-trunk-cache": True})))
+    _finish(reference)
+    return {"f32": root / "cached_f32", "ref": root / "big_ref", "build_killed": root / "big_build_killed",
+            "side_at_kill": side_at_kill, "ckpt_at_kill": ckpt_at_kill, "build_resumed": build_resumed,
+            "train_killed": root / "big_train_killed", "late_state": late_state, "train_resumed": train_resumed}
+
+
+def test_trunk_cache_in_float32_trains_the_model_images_train(runs, cached_runs):
+    """Same triplets (violating fractions, skipped queries) and the same final model up to float rounding."""
+    for name in ("violating_fraction", "loss"):
+        with open(runs["reference"] / "live" / "plots" / "metrics" / "train" / f"{name}.tsv") as f:
+            want = [float(r[name]) for r in csv.DictReader(f, delimiter="\t")]
+        with open(cached_runs["f32"] / "live" / "plots" / "metrics" / "train" / f"{name}.tsv") as f:
+            got = [float(r[name]) for r in csv.DictReader(f, delimiter="\t")]
+        assert len(got) == len(want) == 8
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    want, got = _weights(runs["reference"] / "model.pt"), _weights(cached_runs["f32"] / "model.pt")
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
+    assert not (cached_runs["f32"] / "ckpt" / "trunk_cache.npy").exists(), "the cache goes with the checkpoint"
+
+
+def test_sigkill_during_the_trunk_cache_build_resumes_it_to_the_same_model(cached_runs):
+    side = cached_runs["side_at_kill"]
+    assert 0 < side["done"] < side["rows"], "killed in the middle of the build"
+    assert not cached_runs["ckpt_at_kill"], "no training had started"
+    assert f"at image {side['done']} of {side['rows']}" in cached_runs["build_resumed"], "the build resumed"
+    _assert_same_weights(cached_runs["build_killed"] / "model.pt", cached_runs["ref"] / "model.pt")
+    assert not (cached_runs["build_killed"] / "ckpt" / "trunk_cache.npy").exists()
+
+
+def test_sigkill_during_cached_training_resumes_to_the_same_model(cached_runs):
+    state = cached_runs["late_state"]
+    assert state["position"] > 0 and state["epoch"] == 0, "killed inside the first epoch"
+    assert "resuming from" in cached_runs["train_resumed"]
+    assert "resuming the trunk cache" not in cached_runs["train_resumed"], "the finished cache is reused as it is"
+    _assert_same_weights(cached_runs["train_killed"] / "model.pt", cached_runs["ref"] / "model.pt")
+    assert (cached_runs["train_killed"] / "ckpt" / "trunk_cache.npy").exists(), "kept on request"
+    assert _loss_rows(cached_runs["train_killed"] / "live") == _loss_rows(cached_runs["ref"] / "live")

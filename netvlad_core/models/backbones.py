@@ -127,9 +127,48 @@ class Backbone(nn.Module):
             out = out[-1 if self.output_index is None else self.output_index]
         return out
 
+    def split_at_freeze_boundary(self) -> tuple[nn.Sequential, nn.Sequential] | None:
+        """``(frozen, trainable)``: the body cut before its first trainable unit, as two chains of the body's own
+        modules (shared, not copied) with ``trainable(frozen(x)) == self(x)``; ``frozen`` holds every frozen unit,
+        ``trainable`` every unit that learns (empty when ``trainable_blocks`` is 0). ``None`` when nothing is
+        frozen, or the body is not a plain ``nn.Sequential`` chain down to the boundary (``timm:`` feature
+        wrappers, whose forward is their own)."""
+        frozen_units = self.num_units - self.trainable_blocks
+        if frozen_units == 0 or self.output_index is not None or type(self.body) is not nn.Sequential:
+            return None
+        first = self.units[frozen_units][0] if self.trainable_blocks else None
+        before: list[nn.Module] = []
+        after: list[nn.Module] = []
+        if not _cut_chain(self.body, "", first, before, after):
+            return None
+        frozen, trainable = nn.Sequential(*before), nn.Sequential(*after)
+        n_params = sum(1 for _ in self.body.parameters())
+        if any(p.requires_grad for p in frozen.parameters()) or \
+                sum(1 for _ in frozen.parameters()) + sum(1 for _ in trainable.parameters()) != n_params:
+            return None  # a unit's parameters straddle the cut: no clean boundary
+        return frozen, trainable
+
 
 def _owns(prefix: str, param_name: str) -> bool:
     return param_name == prefix or param_name.startswith(prefix + ".")
+
+
+def _cut_chain(module: nn.Sequential, prefix: str, first: str | None, before: list, after: list) -> bool:
+    """Append ``module``'s children to ``before`` up to the one named ``first`` (a unit's parameter prefix) and the
+    rest to ``after``, descending into nested ``nn.Sequential`` children that contain ``first``; ``first=None``:
+    everything goes to ``before``. False when the cut would have to enter a module that is not a plain chain."""
+    for name, child in module.named_children():
+        full = f"{prefix}{name}"
+        if after or first is None or (full != first and not first.startswith(full + ".")):
+            (after if after else before).append(child)
+        elif full == first:
+            after.append(child)
+        elif type(child) is nn.Sequential:
+            if not _cut_chain(child, full + ".", first, before, after):
+                return False
+        else:
+            return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------------------ registry

@@ -214,6 +214,36 @@ class PlaceModel(nn.Module):
             return pooled
         return F.normalize(self.whitening(pooled), p=2, dim=1)
 
+    def split_trunk(self) -> tuple[nn.Sequential, "TrainablePart"] | None:
+        """``(frozen trunk, trainable part)`` at the backbone's freeze boundary, sharing this model's modules (an
+        update of the trainable part is an update of the model): ``part(trunk(images)) == self(images)``. The
+        trunk is the backbone units before the first trainable one; the part is the remaining units, the pooling
+        and the whitening. ``None`` when the backbone has no frozen unit or cannot be cut there
+        (:meth:`~netvlad_core.models.backbones.Backbone.split_at_freeze_boundary`)."""
+        cut = getattr(self.backbone, "split_at_freeze_boundary", lambda: None)()
+        if cut is None:
+            return None
+        trunk, rest = cut
+        return trunk, TrainablePart(rest, self.pool, self.whitening, out_dim=self.out_dim)
+
+
+class TrainablePart(nn.Module):
+    """The layers of a :class:`PlaceModel` after its freeze boundary: frozen-trunk activations (N, C, h, w) →
+    (N, out_dim) descriptors, the same as the whole model's forward of the images they came from."""
+
+    def __init__(self, rest: nn.Module, pool: nn.Module, whitening: nn.Module | None, *, out_dim: int):
+        super().__init__()
+        self.rest = rest
+        self.pool = pool
+        self.register_module("whitening", whitening)
+        self.out_dim = int(out_dim)
+
+    def forward(self, activations: torch.Tensor) -> torch.Tensor:
+        pooled = self.pool(self.rest(activations))
+        if self.whitening is None:
+            return pooled
+        return F.normalize(self.whitening(pooled), p=2, dim=1)
+
 
 def build_model(cfg: ModelConfig, *, load_weights: bool = True, allow_download: bool = True) -> PlaceModel:
     """Build the model ``cfg`` describes; backbone weights per ``cfg.weights`` unless ``load_weights`` is False.
