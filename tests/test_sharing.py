@@ -15,6 +15,7 @@ import yaml
 from PIL import Image
 
 from tests.test_pipeline import _env, _run, _set_params, make_tiny_pipeline
+from tests.test_report import _rows
 
 pytestmark = pytest.mark.slow
 
@@ -77,15 +78,6 @@ def _flatten(data: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{key}"] = value
     return out
-
-
-def _rows(text: str) -> dict[tuple[str, str], list[str]]:
-    rows = {}
-    for line in text.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("| ") and len(cells) == 5 and cells[0] not in ("Path", "---"):
-            rows[(cells[0], cells[1])] = cells[2:]
-    return rows
 
 
 def _shows(cell: str, value) -> bool:
