@@ -8,7 +8,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 # dvc.yaml calls the `netvlad` console script: put the venv first on PATH for every recipe.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install demo test test-fast lint bench report clean-venv dvc-scm
+.PHONY: install demo test test-fast lint bench report compare clean-venv dvc-scm
 
 install: $(STAMP)
 
@@ -39,13 +39,28 @@ bench: install
 	$(BIN)/python -m bench
 
 # `make report [BASE=<rev>] [MAX_DROP=<points>]`: report.md and report_recall.png, the working tree's params, metrics
-# and recall@N curves against BASE (default: the merge base of HEAD with main); exits 1 when MAX_DROP is given and
-# a model's recall@1 dropped by more than that many points. REPORT_PYTHON=<python> runs it with that interpreter
-# (an environment that has this project's dependencies) instead of installing into .venv first.
+# and recall@N curves against BASE (default: the merge base of HEAD with main). MAX_DROP is the gate: exit 1 when a
+# model's recall@1 dropped by more than that many points or is no usable number (null, NaN, not a number, gone);
+# exit 2 on bad input (an unreadable metrics file, an unknown BASE, MAX_DROP=none or empty: leave MAX_DROP out for
+# no gate). BASE and MAX_DROP reach the command as environment variables, never through the shell's parsing or
+# make's expansion ($(value ...); not exported as make variables): git allows ' ; $ ( ` in branch names, and the PR
+# workflow passes its base branch's name. REPORT_PYTHON=<python> runs it with that interpreter (an environment
+# that has this project's dependencies) instead of installing into .venv first.
 REPORT_PYTHON ?=
+ifneq ($(origin MAX_DROP),undefined)  # before `unexport`, which defines it
+report: export NETVLAD_REPORT_MAX_DROP := $(value MAX_DROP)
+endif
+report: export NETVLAD_REPORT_BASE := $(value BASE)
+unexport BASE MAX_DROP NETVLAD_REPORT_MAX_DROP
 report: $(if $(REPORT_PYTHON),,install)
 	$(or $(REPORT_PYTHON),$(BIN)/python) -m stages.report --out report.md --plot report_recall.png \
-	    $(if $(BASE),--base '$(BASE)') $(if $(MAX_DROP),--max-drop '$(MAX_DROP)')
+	    $${NETVLAD_REPORT_BASE:+--base "$$NETVLAD_REPORT_BASE"} \
+	    $${NETVLAD_REPORT_MAX_DROP+--max-drop "$$NETVLAD_REPORT_MAX_DROP"}
+
+# `make compare`: every DVC experiment (workspace, HEAD, `dvc exp run`s) with the params it changed and recall@1/5 of
+# each model on the test split and each benchmark, in 120 columns (COMPARE_ARGS: more options of `netvlad compare`).
+compare: install
+	$(BIN)/netvlad compare $(COMPARE_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

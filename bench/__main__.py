@@ -15,6 +15,8 @@ MODULES = [
     "features",
     "training",
     "trunk_cache",
+    "vit_trunk_cache",
+    "places",
     "distributed",
     "search",
     "released",

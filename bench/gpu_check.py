@@ -7,6 +7,11 @@ Parts, each writing ``<out>/part_<name>.json``:
   4 queries × (1 + 1 + 10) images — on images (the whole model) and on the trunk cache (the trainable part on the
   frozen trunk's float16 activations), steps/s and peak GPU memory of each; and the trunk's throughput (the cache
   build) against the whole model's (a refresh without the cache);
+* ``vit``: the same for the trunk cache at a transformer block boundary — DINOv2 ViT-B/14 (random weights), blocks
+  8–11 trainable, NetVLAD-Linear (K = 64, 8448-D), at 224×224 and 322×322, a batch of 4 queries × (1 + 1 + 10)
+  images, bf16 autocast: a training step on images (the whole model) and on the cached float16 tokens (blocks
+  8–11, the norm and the head), steps/s and peak GPU memory of each, and a refresh's forward (the whole model
+  against the trainable part on tokens) with its ratio;
 * ``features``: the place model's forward throughput (images/s, bf16, batch 16) against the bare backbone's, on
   tensors already on the GPU; and the ``features`` pipeline (decoding JPEGs with loader workers) on a generated split;
 * ``search``: exact search at Pitts30k-test scale — 10,000 database × 6,816 queries × 32,768 dimensions, float16
@@ -34,7 +39,7 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-PARTS = ("train", "features", "search", "torchrun")
+PARTS = ("train", "vit", "features", "search", "torchrun")
 
 
 def _sync(device: torch.device) -> None:
@@ -74,7 +79,8 @@ def _vgg(device: torch.device, tiny: bool):
 
 def part_train(device: torch.device, tiny: bool, amp: str) -> dict:
     from netvlad_core.device import to_device
-    from netvlad_core.training import TrainConfig, _train_step
+    from netvlad_core.training import TrainConfig
+    from netvlad_core.training.triplet import train_step
 
     model, cfg = _vgg(device, tiny)
     trunk, part = model.split_trunk()
@@ -97,7 +103,7 @@ def part_train(device: torch.device, tiny: bool, amp: str) -> dict:
     for name, net, x in (("images", model, images), ("trunk_cache", part, cached)):
         optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9, weight_decay=1e-3)
         _reset_peak(device)
-        step = _timed(lambda: _train_step(net, optimizer, None, x, counts, device, tcfg), reps, device)
+        step = _timed(lambda: train_step(net, optimizer, None, x, counts, device, tcfg), reps, device)
         out[name] = {"step_s": step, "steps_per_s": 1 / step, "images_per_s": n / step,
                      "peak_gpu_mib": _peak_mib(device)}
     out["step_speedup"] = out["images"]["step_s"] / out["trunk_cache"]["step_s"]
@@ -117,6 +123,57 @@ def part_train(device: torch.device, tiny: bool, amp: str) -> dict:
                                    "trunk_cache_build": len(batch) / t_trunk}
     out["refresh_ratio_with_cache"] = t_part / t_model
     out["cache_bytes_per_image_float16"] = int(np.prod(cached.shape[1:])) * 2
+    return out
+
+
+def part_vit(device: torch.device, tiny: bool, amp: str) -> dict:
+    from netvlad_core.device import autocast, prepare_model, to_device
+    from netvlad_core.models import ModelConfig, build_model
+    from netvlad_core.training import TrainConfig
+    from netvlad_core.training.triplet import train_step
+
+    name = "dinov2_vits14" if tiny else "dinov2_vitb14"
+    queries, negatives = (1, 1) if tiny else (4, 10)
+    n = queries * (2 + negatives)
+    counts = torch.tensor([negatives] * queries)
+    reps = 1 if tiny else 5
+    tcfg = TrainConfig(amp=amp)
+    out: dict = {"backbone": f"{name} (random weights), blocks 8-11 trainable, netvlad-linear K={8 if tiny else 64}",
+                 "amp": amp,
+                 "batch": f"{queries} queries x (1+1+{negatives}) = {n} images"}
+    for size in (56, 84) if tiny else (224, 322):
+        cfg = ModelConfig(backbone=name, weights="none", pooling="netvlad-linear", num_clusters=8 if tiny else 64,
+                          trainable_blocks=4, input_height=size, input_width=size)
+        model = prepare_model(build_model(cfg), device).eval()
+        trunk, part = model.split_trunk()
+        images = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode(), autocast(device, amp):
+            tokens = torch.cat([trunk(to_device(images[i:i + 16], device)) for i in range(0, n, 16)])
+        cached = tokens.to(torch.float16).float().cpu()  # what the cache stores and a step reads back
+        res: dict = {"tokens_per_image": int(cached.shape[1]), "cache_bytes_per_image_float16":
+                     int(np.prod(cached.shape[1:])) * 2}
+        params = [p for p in model.parameters() if p.requires_grad]
+        for label, net, x in (("images", model, images), ("trunk_cache", part, cached)):
+            optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9, weight_decay=1e-3)
+            _reset_peak(device)
+            step = _timed(lambda: train_step(net, optimizer, None, x, counts, device, tcfg), reps, device)
+            res[label] = {"step_s": step, "images_per_s": n / step, "peak_gpu_mib": _peak_mib(device)}
+        res["step_ratio_with_cache"] = res["trunk_cache"]["step_s"] / res["images"]["step_s"]
+        if res["images"]["peak_gpu_mib"]:
+            res["step_peak_memory_ratio"] = res["trunk_cache"]["peak_gpu_mib"] / res["images"]["peak_gpu_mib"]
+
+        @torch.inference_mode()
+        def fwd(m, x):
+            with autocast(device, amp):
+                m(to_device(x, device))
+
+        batch, token_batch = images[:16].to(device), cached[:16].to(device)
+        t_model, t_part = _timed(lambda: fwd(model, batch), reps, device), _timed(lambda: fwd(part, token_batch),
+                                                                                   reps, device)
+        res["refresh_images_per_s"] = {"whole_model": len(batch) / t_model,
+                                       "trainable_part_on_cache": len(batch) / t_part}
+        res["refresh_ratio_with_cache"] = t_part / t_model
+        out[f"{size}x{size}"] = res
     return out
 
 

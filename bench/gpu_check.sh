@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The one-shot GPU check (issue 15): on a machine with one CUDA GPU, one command, under 8 minutes:
+# The one-shot GPU check (issues 15, 21): on a machine with one CUDA GPU, one command, under 10 minutes:
 #
 #   bench/gpu_check.sh [OUT_DIR] [--device cpu --tiny]
 #
 # runs the parts of bench/gpu_check.py (bf16 training steps of VGG16 at 640x480 with and without the trunk cache and
-# their peak GPU memory; features throughput against the bare backbone; exact search at 10,000 x 6,816 x 32,768
+# their peak GPU memory; the same for DINOv2 ViT-B/14 at 224x224 and 322x322 with blocks 8-11 trainable and the
+# cache at the block boundary, with a refresh's forward; features throughput against the bare backbone; exact search at 10,000 x 6,816 x 32,768
 # float16; a 1-GPU torchrun smoke test of `train`), each under its own timeout, and writes one JSON of figures,
 # OUT_DIR/gpu_check.json (OUT_DIR: the argument, else $OUT, else ./gpu_check_out). A part that fails or times out is
 # recorded as such in the JSON and the script exits 1 after the others have run. `--device cpu --tiny` is a dry run
@@ -25,8 +26,8 @@ export DVC_NO_ANALYTICS=1 PYTHONDONTWRITEBYTECODE=1
 mkdir -p "$out_dir"
 rm -f "$out_dir"/part_*.json
 status=0
-# name, seconds: 150 + 60 + 90 + 120 = 7 minutes at most
-for part in train:150 features:60 search:90 torchrun:120; do
+# name, seconds: 150 + 120 + 60 + 90 + 120 = 9 minutes at most
+for part in train:150 vit:120 features:60 search:90 torchrun:120; do
     name="${part%%:*}"
     limit="${part##*:}"
     echo "== gpu_check $name (timeout ${limit} s)" >&2

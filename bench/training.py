@@ -58,7 +58,8 @@ def run(num_db: int, num_queries: int, steps: int, device_name: str, reps: int, 
     from netvlad_core.features import FeatureConfig, encode_images
     from netvlad_core.mining import MiningConfig, empty_negative_cache, mine_triplets
     from netvlad_core.models import ModelConfig, build_model
-    from netvlad_core.training import TrainConfig, TripletBatches, _train_step, allocate_cache, cache_dtype, encode_into
+    from netvlad_core.training import TrainConfig, encode_into
+    from netvlad_core.training.triplet import TripletBatches, allocate_cache, cache_dtype, train_step
 
     device = select_device(device_name)
     model_cfg = ModelConfig(backbone="efficientnet_lite0", input_height=240, input_width=320)  # the demo's, K=64
@@ -112,14 +113,14 @@ def run(num_db: int, num_queries: int, steps: int, device_name: str, reps: int, 
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         loader = list(DataLoader(TripletBatches(batches, split, model_cfg), batch_size=None, num_workers=0))
-        _train_step(model, optimizer, None, *loader[0], device, cfg)  # warm-up
+        train_step(model, optimizer, None, *loader[0], device, cfg)  # warm-up
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             torch.cuda.synchronize(device)
         rss_before = _peak_rss_mib()
         t = time.perf_counter()
         for images, counts in loader[1:]:
-            _train_step(model, optimizer, None, images, counts, device, cfg)
+            train_step(model, optimizer, None, images, counts, device, cfg)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t_train = time.perf_counter() - t

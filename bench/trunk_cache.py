@@ -23,15 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
+
+from bench._data import timed
 
 BACKBONES = {"efficientnet_lite0": {"weights": "imagenet", "db": 240, "queries": 60},
              "vgg16": {"weights": "none", "db": 64, "queries": 16}}
@@ -39,19 +38,8 @@ DEMO = {"train_db": 1344, "train_q": 400, "val_db": 380, "val_q": 150, "queries"
 QUICK = {"train_db": 48, "train_q": 16, "val_db": 24, "val_q": 8, "queries": 8}
 
 
-def _cpu_s() -> float:
-    self_, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return self_.ru_utime + self_.ru_stime + children.ru_utime + children.ru_stime
-
-
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
-
-
-def _timed(fn) -> tuple[float, float]:
-    wall, cpu = time.perf_counter(), _cpu_s()
-    fn()
-    return time.perf_counter() - wall, _cpu_s() - cpu
 
 
 def _splits(root: Path, sizes: dict) -> tuple[Path, Path]:
@@ -64,58 +52,24 @@ def _splits(root: Path, sizes: dict) -> tuple[Path, Path]:
 
 def _refresh(backbone: str, mode: str, reps: int, quick: bool, workers: int) -> dict:
     """One child's measurement: refreshes of one backbone, on images or on the trunk cache."""
-    from netvlad_core.datasets.manifest import load_ground_truth, load_split
+    from bench._data import measure_refreshes
     from netvlad_core.device import prepare_model
-    from netvlad_core.mining import MiningConfig, empty_negative_cache, mine_triplets
     from netvlad_core.models import ModelConfig, build_model
-    from netvlad_core.training import encode_into
-    from netvlad_core.trunk_cache import build_trunk_cache, cache_identity, encode_cached, plan_trunk_cache
 
     spec = BACKBONES[backbone]
     num_db, num_q = (16, 8) if quick else (spec["db"], spec["queries"])
-    device = torch.device("cpu")
     cfg = ModelConfig(backbone=backbone, weights=spec["weights"], input_height=240, input_width=320)
     with tempfile.TemporaryDirectory() as tmp:
         train_dir, val_dir = _splits(Path(tmp), {"train_db": num_db, "train_q": num_q, "val_db": 4, "val_q": 2})
-        split, gt, val = load_split(train_dir), load_ground_truth(train_dir), load_split(val_dir)
-        model = prepare_model(build_model(cfg), device).eval()
-        out_dim, block = int(model.out_dim), np.arange(split.num_queries)
-        db_cache = np.empty((split.num_db, out_dim), np.float32)
-        mining = MiningConfig()
+        model = prepare_model(build_model(cfg), torch.device("cpu")).eval()
         result = {"backbone": backbone, "mode": mode, "images": num_db + num_q}
-        if mode == "on":
-            plan = plan_trunk_cache(model, cfg, split, val, mode="on", dtype="float16", folder=Path(tmp) / "ckpt",
-                                    device=device, log=lambda m: None)
-            key = cache_identity(plan, cfg, split, val, device=device, amp="bf16")
-            wall, cpu = _timed(lambda: result.update(cache=build_trunk_cache(
-                plan, key, model_cfg=cfg, device=device, batch_size=16, num_workers=workers, amp="bf16",
-                log=lambda m: None)))
-            cache = result.pop("cache")
-            result.update(build_s=wall, build_cpu_s=cpu, build_img_s=len(plan.files) / wall,
-                          cache_mib=plan.nbytes / 2**20, cached_images=len(plan.files))
-
-            def encode() -> np.ndarray:
-                encode_cached(plan.part, cache, cache.rows("train_db"), db_cache, device=device, batch_size=16,
-                              amp="bf16")
-                return encode_cached(plan.part, cache, cache.rows("train_q", block),
-                                     np.empty((len(block), out_dim), np.float32), device=device, batch_size=16,
-                                     amp="bf16")
-        else:
-            def encode() -> np.ndarray:
-                args = dict(model_cfg=cfg, device=device, batch_size=16, num_workers=workers, amp="bf16")
-                encode_into(model, split.db_files(), db_cache, **args)
-                return encode_into(model, split.query_files(), np.empty((len(block), out_dim), np.float32), **args)
-
-        def refresh() -> None:
-            q_cache = encode()
-            mine_triplets(block, q_cache, db_cache, train_positives=gt.train_positives, positives=gt.positives,
-                          negative_cache=empty_negative_cache(split.num_queries, mining.num_negatives),
-                          rng=np.random.default_rng(0), cfg=mining, device=device)
-
-        refresh()  # warm-up
-        times = [_timed(refresh) for _ in range(reps)]
-        result.update(refresh_s=statistics.median(t[0] for t in times),
-                      refresh_cpu_s=statistics.median(t[1] for t in times), peak_rss_mib=_peak_rss_mib())
+        result.update(measure_refreshes(model, cfg, train_dir, val_dir, Path(tmp) / "ckpt", mode=mode, batch_size=16,
+                                        workers=workers, reps=reps))
+        plan = result.pop("plan", None)
+        if plan is not None:
+            result.update(build_img_s=len(plan.files) / result["build_s"], cache_mib=plan.nbytes / 2**20,
+                          cached_images=len(plan.files))
+        result["peak_rss_mib"] = _peak_rss_mib()
         return result
 
 
@@ -145,9 +99,9 @@ def _epoch(mode: str, quick: bool, workers: int, root: Path) -> dict:
               log=lambda m: None)
 
     if mode == "on":
-        wall, cpu = _timed(lambda: run("build"))
+        wall, cpu = timed(lambda: run("build"))
         result.update(build_and_epoch_s=wall, build_and_epoch_cpu_s=cpu)
-    wall, cpu = _timed(lambda: run(f"epoch_{mode}"))
+    wall, cpu = timed(lambda: run(f"epoch_{mode}"))
     result.update(epoch_s=wall, epoch_cpu_s=cpu, peak_rss_mib=_peak_rss_mib())
     return result
 

@@ -18,7 +18,7 @@ from .datasets.manifest import Split
 from .device import autocast, prepare_model, to_device
 from .distributed import DistContext, barrier, gather_batch, num_rounds, pad_rounds, shard_indices
 from .errors import NetVLADError, NetVLADWarning
-from .io import atomic_h5, atomic_path
+from .io import atomic_h5, atomic_path, open_h5_for_reading, require_file
 from .models.build import ModelConfig
 
 
@@ -96,8 +96,10 @@ def sample_descriptors(model, model_cfg: ModelConfig, split: Split, out_h5: str 
     from tqdm import tqdm
 
     from .features import image_loader
+    from .io import distinct_paths
 
     cfg.validate()
+    distinct_paths({}, {"--out": out_h5})
     h, w = model_cfg.input_height, model_cfg.input_width
     model = prepare_model(model, device).eval()
     with torch.inference_mode():
@@ -174,13 +176,10 @@ def sample_descriptors(model, model_cfg: ModelConfig, split: Split, out_h5: str 
 def read_descriptors(path: str | os.PathLike) -> tuple[np.ndarray, ModelConfig]:
     """``(descriptors float32, the model config that sampled them)`` from a file written by
     :func:`sample_descriptors`."""
-    import h5py
 
-    path = Path(path)
-    if not path.is_file():
-        raise NetVLADError(f"{path}: file not found")
+    path = require_file(path)
     try:
-        with h5py.File(path, "r") as f:
+        with open_h5_for_reading(path) as f:
             if "descriptors" not in f or "model" not in f.attrs:
                 raise NetVLADError(f"{path}: not a descriptor sample (no 'descriptors' dataset or 'model' attribute)")
             descriptors = f["descriptors"][()].astype(np.float32, copy=False)
@@ -231,8 +230,8 @@ def initial_model(descriptors_h5: str | os.PathLike, *, centroids_out: str | os.
                   model_out: str | os.PathLike, head, cfg: KMeansConfig, progress: bool = True,
                   log: Callable[[str], None] | None = None) -> tuple[np.ndarray, Path]:
     """The ``kmeans`` stage, the off-the-shelf model: the sampled backbone (the sample's recorded model config) with
-    the pooling layer of ``head`` (a ``ModelConfig`` whose ``HEAD_FIELDS`` — pooling, K, vladv2 — are used), its
-    NetVLAD layer initialised by k-means on the descriptor sample.
+    the pooling layer of ``head`` (a ``ModelConfig`` whose ``HEAD_FIELDS`` — pooling, K, vladv2, the NetVLAD-Linear
+    sizes — are used), its NetVLAD layer (also NetVLAD-Linear's) initialised by k-means on the descriptor sample.
 
     Writes the centroids (HDF5) and the model file together: both or neither (a failure while writing the second,
     a full disk say, leaves neither). Returns ``(centroids, model_out)``; logs one summary line.
@@ -240,7 +239,7 @@ def initial_model(descriptors_h5: str | os.PathLike, *, centroids_out: str | os.
     import contextlib
 
     from .io import distinct_paths
-    from .models import build_model, save_model
+    from .models import NetVLAD, build_model, save_model
     from .models.build import HEAD_FIELDS
 
     centroids_out, model_out = Path(centroids_out), Path(model_out)
@@ -249,11 +248,11 @@ def initial_model(descriptors_h5: str | os.PathLike, *, centroids_out: str | os.
     desc, sampled_cfg = read_descriptors(descriptors_h5)
     model_cfg = replace(sampled_cfg, **{k: getattr(head, k) for k in HEAD_FIELDS})
     model_cfg.validate()
-    if model_cfg.pooling == "netvlad" and not 2 <= model_cfg.num_clusters <= len(desc):
+    if model_cfg.pooling in ("netvlad", "netvlad-linear") and not 2 <= model_cfg.num_clusters <= len(desc):
         raise NetVLADError(f"num-clusters must be between 2 and the {len(desc)} sampled descriptors, got "
                            f"{model_cfg.num_clusters}")
     model = build_model(model_cfg)
-    if model_cfg.pooling == "netvlad":
+    if isinstance(model.pool, NetVLAD):  # netvlad and netvlad-linear
         centroids = kmeans(desc, model_cfg.num_clusters, cfg, progress=progress)
         model.pool.init_params(centroids, desc)
     else:

@@ -39,8 +39,10 @@ def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
 
 
 def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A batch of images on ``device``, channels-last like the model :func:`prepare_model` returns."""
-    return images.to(device, non_blocking=device.type == "cuda").contiguous(memory_format=torch.channels_last)
+    """A batch of images (or CNN activations) on ``device``, channels-last like the model :func:`prepare_model`
+    returns; a batch of tokens (N, tokens, C: a transformer's cached trunk output) keeps its layout."""
+    moved = images.to(device, non_blocking=device.type == "cuda")
+    return moved.contiguous(memory_format=torch.channels_last) if moved.ndim == 4 else moved.contiguous()
 
 
 # glibc mallopt parameters (malloc.h)

@@ -1,9 +1,12 @@
 """Fetching and unpacking the dataset spec files: resumable HTTP(S) downloads, safe archive extraction.
 
-- :func:`fetch` downloads one URL to a file through a ``.part`` file that a later call resumes with an
-  HTTP ``Range`` + ``If-Range`` request, only for the same URL and the same remote file (ETag/Last-Modified and
-  length recorded in a small ``.part.json`` beside it), verifies an optional sha256 and only then renames the
-  file into place.
+- :func:`fetch` makes a file the current copy of one URL: a completed download is kept with a small record of the
+  remote file beside it (``.remote.json``: ETag, Last-Modified, length, sha256) and reused only once the server
+  says, to a conditional request, that the file has not changed (or when it matches the sha256 asked for); a new
+  download goes through a ``.part`` file that a later call resumes with an HTTP ``Range`` + ``If-Range`` request,
+  only for the same URL and the same remote file (recorded in ``.part.json``), verifies an optional sha256 and
+  only then renames the file into place. :func:`public_url` is the URL as it is printed and recorded: without
+  user name, password or query string (a signed URL's signature).
 - :func:`safe_extract` unpacks a tar (plain/gz/bz2/xz) or zip archive into a folder, all or nothing, refusing
   members that would land outside it (absolute paths, ``..``, links pointing out, device files).
 - :func:`resolve_spec_source` turns ``--spec`` (a URL, a local archive or a folder of .mat files) into a folder
@@ -14,6 +17,7 @@ Standard library only (urllib, tarfile, zipfile) plus tqdm for the progress bar.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.client
 import json
@@ -23,9 +27,9 @@ import stat
 import tarfile
 import zipfile
 from pathlib import Path, PurePosixPath
-from typing import Callable
+from typing import Any, Callable
 from urllib.error import HTTPError, URLError
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
 from urllib.request import Request, url2pathname, urlopen
 
 from .errors import NetVLADError
@@ -42,6 +46,41 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 class _Interrupted(Exception):
     """A transfer that stopped early; the ``.part`` file keeps what arrived so far."""
+
+
+class _NotModified(Exception):
+    """The server answered a conditional request with 304: the cached copy is still the remote file."""
+
+
+class _RequestFailed(Exception):
+    """No usable reply (connection refused, DNS failure, timeout, an HTTP error status); the text says why."""
+
+
+def public_url(url: str) -> str:
+    """``url`` as it may be printed and recorded: scheme, host, port and path, without the user name and password
+    and without the query string and fragment (a signed URL's ``X-Amz-Signature=…``, a token). The request itself
+    uses the full URL."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+
+
+def _url_key(url: str) -> str:
+    """What records compare to tell URLs apart (the full URL, query included), without storing its credentials."""
+    return hashlib.sha256(url.encode()).hexdigest()
+
+
+def _request(url: str, headers: dict) -> Request:
+    """A urllib request for ``url``; ``user:password@`` becomes an HTTP Basic ``Authorization`` header (urllib would
+    take it for part of the host name) that is not sent on to a redirect's target."""
+    parts = urlsplit(url)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at:
+        return Request(url, headers=headers)
+    request = Request(urlunsplit(parts._replace(netloc=hostport)), headers=headers)
+    user, _, password = userinfo.partition(":")
+    token = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode("ascii")
+    request.add_unredirected_header("Authorization", f"Basic {token}")
+    return request
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -90,20 +129,36 @@ def _content_range(value: str | None) -> tuple[int | None, int | None]:
 
 
 def part_info_path(part: Path) -> Path:
-    """The small JSON file beside a ``.part`` that records where its bytes came from: ``{"url", "etag",
-    "last_modified", "size"}`` (the server's ``ETag``, ``Last-Modified`` and full length; ``null`` if not sent)."""
+    """The small JSON file beside a ``.part`` that records where its bytes came from: ``{"url", "url_sha256",
+    "etag", "last_modified", "content_type", "size"}`` (the URL without credentials, the sha256 of the full URL,
+    the server's ``ETag``, ``Last-Modified``, ``Content-Type`` and full length; ``null`` if not sent)."""
     return part.with_name(part.name + ".json")
 
 
+def remote_info_path(dest: str | os.PathLike) -> Path:
+    """The record kept beside a completed download ``dest``: the ``.part`` record of the reply it came from, with
+    ``size`` the file's length and its ``sha256``; what :func:`fetch` revalidates the cached copy with."""
+    dest = Path(dest)
+    return dest.with_name(dest.name + ".remote.json")
+
+
 def _remote_identity(url: str, headers, size: int | None) -> dict:
-    return {"url": url, "etag": headers.get("ETag"), "last_modified": headers.get("Last-Modified"), "size": size}
+    return {"url": public_url(url), "url_sha256": _url_key(url), "etag": headers.get("ETag"),
+            "last_modified": headers.get("Last-Modified"), "content_type": headers.get("Content-Type"), "size": size}
+
+
+def _same_url(info: Any, url: str) -> bool:
+    """Whether a record was made for ``url`` (records of earlier versions hold the full URL instead of its hash)."""
+    if not isinstance(info, dict):
+        return False
+    return info.get("url_sha256") == _url_key(url) if "url_sha256" in info else info.get("url") == url
 
 
 def _if_range(info: dict | None, url: str) -> str | None:
     """The ``If-Range`` validator under which the ``.part`` recorded by ``info`` may be resumed from ``url``: its
     strong ETag, else its Last-Modified date; ``None`` when the part may not be resumed (no record, another URL,
     no validator: nothing would tell whether the remote file is still the same)."""
-    if not isinstance(info, dict) or info.get("url") != url:
+    if not _same_url(info, url):
         return None
     etag, modified = info.get("etag"), info.get("last_modified")
     if isinstance(etag, str) and etag and not etag.startswith("W/"):  # weak tags are not allowed in If-Range
@@ -111,17 +166,30 @@ def _if_range(info: dict | None, url: str) -> str | None:
     return modified if isinstance(modified, str) and modified else None
 
 
-def _read_part_info(part: Path) -> dict | None:
+def _read_record(path: Path) -> dict | None:
     try:
-        info = json.loads(part_info_path(part).read_text())
+        info = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     return info if isinstance(info, dict) else None
 
 
+def _read_part_info(part: Path) -> dict | None:
+    return _read_record(part_info_path(part))
+
+
 def _discard_part(part: Path) -> None:
     part.unlink(missing_ok=True)
     part_info_path(part).unlink(missing_ok=True)
+
+
+def discard_download(dest: str | os.PathLike) -> None:
+    """Remove a cached download and its records (a file that turned out not to be what was asked for, e.g. an
+    error page served with status 200), so that the next :func:`fetch` downloads it again."""
+    dest = Path(dest)
+    remote_info_path(dest).unlink(missing_ok=True)
+    dest.unlink(missing_ok=True)
+    _discard_part(dest.with_suffix(dest.suffix + ".part"))
 
 
 def _same_remote(info: dict, headers, total: int | None) -> bool:
@@ -133,9 +201,24 @@ def _same_remote(info: dict, headers, total: int | None) -> bool:
     return total is None or info.get("size") is None or total == info["size"]
 
 
-def _transfer(url: str, part: Path, *, timeout: float, progress: bool, desc: str, restarted: bool = False) -> None:
-    """One HTTP request that appends to (or restarts) ``part``; returns when the file is complete."""
+def _revalidation(dest: Path, url: str, digest: str) -> dict | None:
+    """The record of the cached copy ``dest`` (sha256 ``digest``) when it may be revalidated against ``url``: it
+    names that URL, the file still has the recorded length and sha256, and the server gave a validator (ETag or
+    Last-Modified). ``None`` otherwise (then only a new download says what the file is now)."""
+    info = _read_record(remote_info_path(dest))
+    if not _same_url(info, url) or info.get("sha256") != digest or info.get("size") != dest.stat().st_size:
+        return None
+    return info if any(isinstance(info.get(k), str) and info[k] for k in ("etag", "last_modified")) else None
+
+
+def _transfer(url: str, part: Path, *, timeout: float, progress: bool, desc: str, restarted: bool = False,
+              conditional: dict | None = None) -> None:
+    """One HTTP request that appends to (or restarts) ``part``; returns when the file is complete. ``conditional``
+    (the record of a cached copy) makes a fresh request conditional on the remote file having changed; a 304
+    reply raises :class:`_NotModified`."""
     from tqdm import tqdm
+
+    shown = public_url(url)
 
     def restart() -> None:
         _discard_part(part)
@@ -152,9 +235,17 @@ def _transfer(url: str, part: Path, *, timeout: float, progress: bool, desc: str
     if offset:
         headers["Range"] = f"bytes={offset}-"
         headers["If-Range"] = validator  # a changed remote file answers 200 (everything), not the range
+    elif conditional is not None:
+        if conditional.get("etag"):
+            headers["If-None-Match"] = conditional["etag"]
+        if conditional.get("last_modified"):
+            headers["If-Modified-Since"] = conditional["last_modified"]
     try:
-        resp = urlopen(Request(url, headers=headers), timeout=timeout)
+        resp = urlopen(_request(url, headers), timeout=timeout)
     except HTTPError as e:
+        if e.code == 304 and not offset and conditional is not None:
+            e.close()
+            raise _NotModified() from None
         if e.code == 416 and offset:
             # Range not satisfiable: the .part is either complete or longer than the file (bad).
             _, total = _content_range(e.headers.get("Content-Range"))
@@ -162,12 +253,12 @@ def _transfer(url: str, part: Path, *, timeout: float, progress: bool, desc: str
             if total == offset and info.get("size") in (None, total):
                 return
             if restarted:
-                raise NetVLADError(f"{url}: server refuses the range request (HTTP 416) even from byte 0") from None
+                raise NetVLADError(f"{shown}: server refuses the range request (HTTP 416) even from byte 0") from None
             return restart()
-        raise NetVLADError(f"{url}: download failed ({_reason(e)})") from None
+        raise _RequestFailed(_reason(e)) from None
     except (URLError, OSError, http.client.HTTPException, ValueError) as e:
         # Connection refused, DNS failure, timeout before the response: nothing arrived, nothing to resume.
-        raise NetVLADError(f"{url}: download failed ({_reason(e)})") from None
+        raise _RequestFailed(_reason(e)) from None
 
     with resp:
         length = resp.headers.get("Content-Length")
@@ -181,15 +272,15 @@ def _transfer(url: str, part: Path, *, timeout: float, progress: bool, desc: str
                 # do not splice it in; start again from byte 0.
                 resp.close()
                 if restarted:
-                    raise NetVLADError(f"{url}: server answered a range request with an unexpected Content-Range")
+                    raise NetVLADError(f"{shown}: server answered a range request with an unexpected Content-Range")
                 return restart()
             mode = "ab"
         else:
-            # 200: a fresh download, a remote file that changed (If-Range did not match), or a server that
-            # ignores Range: everything again. Record where the bytes come from before the first one is written.
+            # 200: a fresh download, a remote file that changed (If-Range or If-None-Match did not match), or a
+            # server that ignores Range: everything again. Record where the bytes come from before the first one.
             offset, mode, total = 0, "wb", length
             part.unlink(missing_ok=True)  # never old bytes under the new record, even if killed right here
-            write_json(part_info_path(part), _remote_identity(url, resp.headers, length))
+            write_json(part_info_path(part), _remote_identity(url, resp.headers, length), replaces_input=True)
         with open(part, mode) as fh, tqdm(
             total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
             desc=desc, disable=not progress, leave=False,
@@ -209,6 +300,18 @@ def _transfer(url: str, part: Path, *, timeout: float, progress: bool, desc: str
         raise _Interrupted(f"received {size} of {total} bytes")
 
 
+def _make_folder(folder: Path) -> None:
+    """Create the download folder, or say in one line why it cannot be (a file in the way, no permission)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocking = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), folder)
+        what = "" if blocking == folder else f" (needed for the download folder {folder})"
+        raise NetVLADError(f"{blocking}: not a folder{what}; downloads need a folder there") from None
+    except OSError as e:
+        raise NetVLADError(f"{folder}: cannot create the download folder ({e.strerror or e})") from None
+
+
 def fetch(
     url: str,
     dest: str | os.PathLike,
@@ -217,51 +320,96 @@ def fetch(
     progress: bool = True,
     timeout: float = 60.0,
     retries: int = 3,
+    log: Callable[[str], None] | None = None,
 ) -> str:
-    """Download ``url`` (http/https) to ``dest`` and return the file's hex sha256.
+    """Make ``dest`` the current copy of ``url`` (http/https) and return the file's hex sha256.
 
-    Bytes go to ``dest`` + ``.part``; beside it ``dest.part.json`` (:func:`part_info_path`) records the URL and
-    the server's ``ETag``, ``Last-Modified`` and length from the reply that started the file. An existing
-    ``.part`` (from an interrupted run) is resumed only when that record names the same URL and holds a
-    validator (a strong ETag, else Last-Modified); otherwise it is discarded and the download starts over. It
-    is resumed with ``Range: bytes=N-`` and ``If-Range: <validator>``: a ``206`` reply whose ETag,
-    Last-Modified and total length agree with the record is appended; a ``200`` (the remote file changed, or
-    the server ignores ranges) restarts from byte 0; a 206 of another file (a server ignoring If-Range) is
-    discarded and restarted; a ``416`` means the part is already complete (when its size equals the advertised
-    and recorded total) or bad (it is discarded and the download restarts). A transfer that breaks off is resumed up
-    to ``retries``
-    times within this call; after that the ``.part`` stays for the next call and a one-line
-    :class:`NetVLADError` says so. When ``sha256`` is given and does not match, the downloaded file is removed
-    and a :class:`NetVLADError` names the URL, the expected and the actual digest. ``dest`` appears only once
-    the file is complete and verified.
+    **A cached copy** (``dest`` already there) is reused only when it is what was asked for: with ``sha256`` when
+    it has that digest (without asking the server, so this works offline); without, when the server answers a
+    conditional request (``If-None-Match`` / ``If-Modified-Since`` with the ETag / Last-Modified recorded in
+    ``dest.remote.json``, :func:`remote_info_path`) with ``304 Not Modified`` and the file still has the recorded
+    length and sha256. Otherwise the file is downloaded again (a changed remote file answers the conditional
+    request with itself) and replaces the copy once complete. When the server cannot be asked (unreachable, an
+    HTTP error), a cached copy is not used without ``sha256``: the one-line error gives its digest, to pin it.
+
+    **A download** goes to ``dest`` + ``.part``; beside it ``dest.part.json`` (:func:`part_info_path`) records the
+    URL (without credentials, plus the sha256 of the full URL) and the server's ``ETag``, ``Last-Modified`` and
+    length from the reply that started the file. An existing ``.part`` (from an interrupted run) is resumed only
+    when that record names the same URL and holds a validator (a strong ETag, else Last-Modified); otherwise it is
+    discarded and the download starts over. It is resumed with ``Range: bytes=N-`` and ``If-Range: <validator>``:
+    a ``206`` reply whose ETag, Last-Modified and total length agree with the record is appended; a ``200`` (the
+    remote file changed, or the server ignores ranges) restarts from byte 0; a 206 of another file (a server
+    ignoring If-Range) is discarded and restarted; a ``416`` means the part is already complete (when its size
+    equals the advertised and recorded total) or bad (it is discarded and the download restarts). A transfer that
+    breaks off is resumed up to ``retries`` times within this call; after that the ``.part`` stays for the next
+    call and a one-line :class:`NetVLADError` says so. When ``sha256`` is given and does not match, the downloaded
+    file is removed and a :class:`NetVLADError` names the URL, the expected and the actual digest. ``dest`` appears
+    (or changes) only once the file is complete and verified; its record is written atomically after it.
+
+    ``user:password@`` in the URL is sent as HTTP Basic authentication; messages and records show the URL without
+    credentials or query string (:func:`public_url`). ``log`` receives one line when a cached copy is reused or
+    replaced.
     """
     expected = normalise_sha256(sha256)
+    shown = public_url(url)
     scheme = urlparse(url).scheme.lower()
     if scheme not in ("http", "https"):
-        raise NetVLADError(f"{url}: not an http(s) URL")
+        raise NetVLADError(f"{shown}: not an http(s) URL")
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    _make_folder(dest.parent)
+    if (dest.exists() or dest.is_symlink()) and not dest.is_file():
+        raise NetVLADError(f"{dest}: in the way of the download of {shown} (not a regular file)")
     part = dest.with_suffix(dest.suffix + ".part")
+    cached = sha256_file(dest) if dest.is_file() else None
+    conditional = None
+    if cached is not None:
+        if expected is not None:
+            if cached == expected:
+                return cached  # the pinned content itself: nothing the server says could make it more current
+            if log:
+                log(f"{dest}: the cached copy has sha256 {cached}, not {expected}; downloading {shown} again")
+        else:
+            conditional = _revalidation(dest, url, cached)
+            if conditional is None and log:
+                log(f"{dest}: no record of the remote file this cached copy came from (or it was modified); "
+                    f"downloading {shown} again")
     attempt = 0
     while True:
         try:
-            _transfer(url, part, timeout=timeout, progress=progress, desc=dest.name)
+            _transfer(url, part, timeout=timeout, progress=progress, desc=dest.name, conditional=conditional)
             break
+        except _NotModified:
+            if log:
+                log(f"{shown}: unchanged on the server (ETag/Last-Modified as recorded); using the cached {dest}")
+            return cached
+        except _RequestFailed as e:
+            if cached is not None and expected is None:
+                raise NetVLADError(
+                    f"{shown}: cannot check whether the cached copy {dest} is still current ({e}); to use it "
+                    f"anyway, pin it with its sha256 {cached}") from None
+            raise NetVLADError(f"{shown}: download failed ({e})") from None
         except _Interrupted as e:
             if attempt >= retries:
                 got = part.stat().st_size if part.is_file() else 0
                 raise NetVLADError(
-                    f"{url}: download interrupted ({e}); {got} bytes kept in {part}, run again to resume"
+                    f"{shown}: download interrupted ({e}); {got} bytes kept in {part}, run again to resume"
                 ) from None
             attempt += 1
     actual = sha256_file(part)
     if expected is not None and actual != expected:
         _discard_part(part)
         raise NetVLADError(
-            f"{url}: sha256 mismatch, expected {expected}, got {actual} (the downloaded file was removed)"
+            f"{shown}: sha256 mismatch, expected {expected}, got {actual} (the downloaded file was removed)"
         )
+    record = {**(_read_part_info(part) or {"url": shown, "url_sha256": _url_key(url)}),
+              "size": part.stat().st_size, "sha256": actual}
+    remote_info_path(dest).unlink(missing_ok=True)  # never an old record beside the new file
     os.replace(part, dest)
+    write_json(remote_info_path(dest), record, replaces_input=True)  # the cache's own record
     part_info_path(part).unlink(missing_ok=True)
+    if cached is not None and log:
+        log(f"{shown}: the file on the server changed since the cached copy (sha256 {cached} -> {actual}); "
+            f"replaced {dest}")
     return actual
 
 
@@ -410,7 +558,8 @@ def resolve_spec_source(
 
     ``spec`` is
     - an ``http``/``https`` URL: downloaded (resumably, see :func:`fetch`) to
-      ``work_dir/url-<hash of the URL>/<file name>`` and reused from there on later calls; then unpacked;
+      ``work_dir/url-<hash of the URL>/<file name>`` and reused from there on later calls while the server says
+      it is unchanged (or it matches ``sha256``); then unpacked; an archive that does not unpack is discarded;
     - a ``file://`` URL or a local path to an archive (tar/zip): unpacked into
       ``work_dir/local-<hash of the path>/<name>.contents``;
     - a single ``.mat`` file (local or URL): its folder is returned;
@@ -429,29 +578,20 @@ def resolve_spec_source(
         name = Path(unquote(parsed.path)).name or "spec_download"
         folder = work_dir / f"url-{_short_hash(text)}"
         archive = folder / name
-        digest = None
-        if archive.is_file():
-            digest = sha256_file(archive)
-            if expected is not None and digest != expected:
-                if log:
-                    log(f"cached {archive} does not match --sha256; downloading again")
-                archive.unlink()
-                digest = None
-        if digest is None:
-            digest = fetch(text, archive, sha256=expected, progress=progress, timeout=timeout)
+        digest = fetch(text, archive, sha256=expected, progress=progress, timeout=timeout, log=log)
         if log:
-            log(f"sha256 {digest}  {text}")
-        try:
+            log(f"sha256 {digest}  {public_url(text)}")
+        try:  # unpacked afresh every time (safe_extract replaces the folder): never the previous download's files
             return _unpack_specs(archive, folder / f"{name}.contents")
         except NetVLADError as e:  # e.g. an HTML error page served as the archive: do not keep reusing it
-            archive.unlink(missing_ok=True)
-            raise NetVLADError(f"{e} (the cached download was removed)") from None
+            discard_download(archive)
+            raise NetVLADError(f"{e} (downloaded from {public_url(text)}; the cached copy was discarded)") from None
 
     if scheme == "file":
         path = Path(url2pathname(unquote(parsed.path)))
     elif len(scheme) > 1:  # a one-letter "scheme" is a Windows drive
-        raise NetVLADError(f"{text}: unsupported URL scheme {parsed.scheme!r} (use http, https or file, or a local "
-                           f"path)")
+        raise NetVLADError(f"{public_url(text)}: unsupported URL scheme {parsed.scheme!r} (use http, https or file, "
+                           f"or a local path)")
     else:
         path = Path(text)
 

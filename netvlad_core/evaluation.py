@@ -44,9 +44,10 @@ import pandas as pd
 from .config import option
 from .datasets.manifest import Split, load_ground_truth, load_split
 from .errors import NetVLADError, NetVLADWarning
-from .io import atomic_path, distinct_paths
+from .io import atomic_path, distinct_paths, open_h5_for_reading, require_file
 from .retrieval import (
     WEIGHTINGS,
+    NonFiniteDistances,
     collapse_panoramas,
     correct_matrix,
     estimate_positions,
@@ -127,11 +128,9 @@ def open_features(path: str | Path, split: Split, *, batch_size: int = 1024) -> 
     """
     import h5py
 
-    path = Path(path)
-    if not path.is_file():
-        raise NetVLADError(f"{path}: features file not found")
+    path = require_file(path, "features file")
     try:
-        h5 = h5py.File(path, "r")
+        h5 = open_h5_for_reading(path)
     except OSError as e:
         raise NetVLADError(f"{path}: not a readable HDF5 file ({e})") from None
     with h5:
@@ -415,7 +414,34 @@ def evaluate(
                    {"--metrics": metrics_json, "--plot": plot_csv, "--per-query": per_query_csv,
                     "--retrievals": retrievals_png, "--settings": settings_json})
     features_h5, split_dir = Path(features_h5), Path(split_dir)
-    requested_ns = sorted({int(n) for n in cfg.recall_ns})
+    split, positives = _evaluation_split(split_dir)
+    plan = _plan_rankings(split, split_dir, cfg, with_examples=retrievals_png is not None)
+    distances, indices, exact_recalls = _rank(features_h5, split, positives, plan, cfg, progress=progress)
+
+    recalls = recall_at_n(indices, positives, plan.ns)
+    ranks = first_correct_rank(indices, positives)
+    estimates = estimate_positions(indices, distances, split.db_utm, cfg.localisation_k, cfg.localisation_weighting,
+                                   temperature=cfg.localisation_temperature)
+    errors_m = localisation_errors(estimates, split.q_utm)
+    metrics = _metrics(split, positives, plan.ns, recalls, exact_recalls, errors_m)
+    settings = _settings(model_name, features_h5, split, split_dir, plan, cfg)
+
+    plot_frame = pd.DataFrame({"model": model_name, "n": plan.ns, "recall": [recalls[n] for n in plan.ns]})
+    per_query = _per_query_frame(split, indices, distances, positives, ranks, estimates, errors_m, cfg.per_query_top)
+    figure = None
+    if retrievals_png is not None:
+        examples = plan.examples
+        correct = correct_matrix(indices[examples, :NUM_SHOWN_MATCHES], [positives[q] for q in examples])
+        figure = draw_retrievals(split, indices, correct, examples, errors_m)
+    _write_outputs(metrics_json=metrics_json, metrics=metrics, plot_csv=plot_csv, plot_frame=plot_frame,
+                   per_query_csv=per_query_csv, per_query=per_query, retrievals_png=retrievals_png, figure=figure,
+                   settings_json=settings_json, settings=settings)
+    return EvalResult(metrics=metrics, settings=settings)
+
+
+def _evaluation_split(split_dir: Path) -> tuple[Split, list[np.ndarray]]:
+    """The split and its queries' positives, checked: as many positive lists as queries, at least one database
+    image and one query; a warning for the VG conversion of MSLS."""
     split = load_split(split_dir)
     positives = load_ground_truth(split_dir).positives
     if len(positives) != split.num_queries:
@@ -424,44 +450,75 @@ def evaluate(
         )
     if split.num_queries == 0 or split.num_db == 0:
         raise NetVLADError(f"{split_dir}: split needs at least one database image and one query")
+    if split.extra.get("msls_vg_conversion"):
+        warnings.warn(f"{split_dir}: the VG folder conversion of MSLS ({split.num_queries} queries), not the official "
+                      f"MSLS protocol (740 val queries, `download --dataset msls`): recall not comparable with papers' "
+                      f"MSLS-val figures", NetVLADWarning)
+    return split, positives
 
+
+@dataclass
+class _RankingPlan:
+    """What the rankings must hold: the panorama grouping, the recall@N asked for and those reported (capped at the
+    number of ranked items), the example queries drawn, and the length of every ranking."""
+
+    split_dir: Path
+    grouping: PanoramaGrouping
+    requested_ns: list[int]
+    ns: list[int]
+    too_large: list[int]
+    ranked_items: int
+    examples: np.ndarray
+    needed: int
+
+
+def _plan_rankings(split: Split, split_dir: Path, cfg: EvalConfig, *, with_examples: bool) -> _RankingPlan:
     grouping = panorama_grouping(split, cfg.collapse_panoramas, where=split_dir / "split.json")
-    panoramas = grouping.ids
     ranked_items = grouping.num_panoramas if grouping.collapse else split.num_db
+    requested_ns = sorted({int(n) for n in cfg.recall_ns})
     ns = sorted({min(n, ranked_items) for n in requested_ns})
-    too_large = [n for n in requested_ns if n > ranked_items]
-
-    examples = example_queries(split.num_queries, cfg.num_examples if retrievals_png is not None else 0)
+    examples = example_queries(split.num_queries, cfg.num_examples if with_examples else 0)
     needed = max(ns[-1], cfg.localisation_k, cfg.per_query_top, NUM_SHOWN_MATCHES if len(examples) else 1)
+    return _RankingPlan(split_dir=split_dir, grouping=grouping, requested_ns=requested_ns, ns=ns,
+                        too_large=[n for n in requested_ns if n > ranked_items], ranked_items=ranked_items,
+                        examples=examples, needed=needed)
 
+
+def _rank(features_h5: Path, split: Split, positives, plan: _RankingPlan, cfg: EvalConfig, *, progress: bool
+          ) -> tuple[np.ndarray, np.ndarray, dict[int, float] | None]:
+    """``(distances, indices, exact recall@N or None)``: every query's ranking (panoramas collapsed when the plan
+    says so) with ``cfg``'s index, and the exact search's recall when that index is approximate."""
+    panoramas = plan.grouping.ids
     with open_features(features_h5, split, batch_size=cfg.batch_size) as (db, query):
-        if too_large:  # warned once every input has been checked
-            items = "panoramas" if grouping.collapse else "images"
-            warnings.warn(f"{split_dir}: recall@{', recall@'.join(map(str, too_large))} asked for, but the database "
-                          f"has only {ranked_items} {items}; reporting recall@{ranked_items} instead", NetVLADWarning)
+        if plan.too_large:  # warned once every input has been checked
+            items = "panoramas" if plan.grouping.collapse else "images"
+            warnings.warn(f"{plan.split_dir}: recall@{', recall@'.join(map(str, plan.too_large))} asked for, but the "
+                          f"database has only {plan.ranked_items} {items}; reporting recall@{plan.ranked_items} "
+                          f"instead", NetVLADWarning)
 
         def ranked(index_factory: str | None, index_params: str | None) -> tuple[np.ndarray, np.ndarray]:
             if panoramas is None:
-                return search(db, query, needed, index_factory=index_factory, index_params=index_params,
+                return search(db, query, plan.needed, index_factory=index_factory, index_params=index_params,
                               batch_size=cfg.batch_size, train_seed=cfg.train_seed, progress=progress)
             views = int(np.bincount(panoramas).max())
-            k = min(needed, int(panoramas.max()) + 1)
+            k = min(plan.needed, int(panoramas.max()) + 1)
             dist, idx = search(db, query, k * views, index_factory=index_factory, index_params=index_params,
                                batch_size=cfg.batch_size, train_seed=cfg.train_seed, progress=progress)
             idx, dist = collapse_panoramas(idx, dist, panoramas, k)
             return dist, idx
 
-        distances, indices = ranked(cfg.index_factory, cfg.index_params)
-        exact_recalls = recall_at_n(ranked(None, None)[1], positives, ns) if cfg.index_factory else None
+        try:
+            distances, indices = ranked(cfg.index_factory, cfg.index_params)
+            exact = recall_at_n(ranked(None, None)[1], positives, plan.ns) if cfg.index_factory else None
+        except NonFiniteDistances as e:  # finite as stored, but not once upcast or squared
+            raise e.located(str(features_h5)) from None
+    return distances, indices, exact
 
-    recalls = recall_at_n(indices, positives, ns)
-    ranks = first_correct_rank(indices, positives)
-    estimates = estimate_positions(indices, distances, split.db_utm, cfg.localisation_k, cfg.localisation_weighting,
-                         temperature=cfg.localisation_temperature)
-    errors_m = localisation_errors(estimates, split.q_utm)
+
+def _metrics(split: Split, positives, ns: list[int], recalls: dict[int, float],
+             exact_recalls: dict[int, float] | None, errors_m: np.ndarray) -> dict:
+    """The metrics file's content. Numbers only: `dvc metrics show` / `dvc exp show` list every key as a metric."""
     errors_or_inf = np.where(np.isnan(errors_m), np.inf, errors_m)
-
-    # Numbers only: `dvc metrics show` / `dvc exp show` list every key of this file as a metric.
     metrics: dict = {f"recall@{n}": recalls[n] for n in ns}
     if exact_recalls is not None:
         metrics.update({f"exact_recall@{n}": exact_recalls[n] for n in ns})
@@ -474,7 +531,14 @@ def evaluate(
             f"localised_within_{split.pos_dist_thr:g}m": float(np.mean(errors_or_inf <= split.pos_dist_thr)),
         }
     )
-    settings: dict = {
+    return metrics
+
+
+def _settings(model_name: str, features_h5: Path, split: Split, split_dir: Path, plan: _RankingPlan,
+              cfg: EvalConfig) -> dict:
+    """How the metrics were made (the settings file)."""
+    grouping = plan.grouping
+    return {
         "model": model_name,
         "features": str(features_h5),
         "dataset": split.dataset,
@@ -490,21 +554,18 @@ def evaluate(
         "localisation_k": cfg.localisation_k,
         "localisation_weighting": cfg.localisation_weighting,
         "localisation_temperature": cfg.localisation_temperature,
-        "recall_n_requested": requested_ns,
-        "recall_n": ns,
-        "recall_n_capped_at": ranked_items if too_large else None,
+        "recall_n_requested": plan.requested_ns,
+        "recall_n": plan.ns,
+        "recall_n_capped_at": plan.ranked_items if plan.too_large else None,
     }
 
-    plot_frame = pd.DataFrame({"model": model_name, "n": ns, "recall": [recalls[n] for n in ns]})
-    per_query = _per_query_frame(split, indices, distances, positives, ranks, estimates, errors_m, cfg.per_query_top)
-    figure = None
-    if retrievals_png is not None:
-        correct = correct_matrix(indices[examples, :NUM_SHOWN_MATCHES], [positives[q] for q in examples])
-        figure = draw_retrievals(split, indices, correct, examples, errors_m)
+
+def _write_outputs(*, metrics_json, metrics: dict, plot_csv, plot_frame: pd.DataFrame, per_query_csv,
+                   per_query: pd.DataFrame, retrievals_png, figure, settings_json, settings: dict) -> None:
+    """Every output, all or none: each temporary file is written before any is renamed into place."""
     metrics_text = json.dumps(metrics, indent=2, allow_nan=False) + "\n"  # strict JSON (NaN became null above)
     settings_text = json.dumps(settings, indent=2, allow_nan=False) + "\n"
-
-    with contextlib.ExitStack() as stack:  # every temp file is written before any is renamed into place
+    with contextlib.ExitStack() as stack:
         tmp_metrics = stack.enter_context(atomic_path(metrics_json))
         tmp_plot = stack.enter_context(atomic_path(plot_csv))
         tmp_per_query = stack.enter_context(atomic_path(per_query_csv))
@@ -516,5 +577,4 @@ def evaluate(
         per_query.to_csv(tmp_per_query, index=False)
         plot_frame.to_csv(tmp_plot, index=False)
         tmp_metrics.write_text(metrics_text)
-    return EvalResult(metrics=metrics, settings=settings)
 

@@ -1,13 +1,15 @@
 """Export the final model (images → global descriptors) to ONNX and verify it against PyTorch.
 
 The ONNX graph takes ``images`` (float32, ``(batch, 3, H, W)``, already normalised with the config's mean/std,
-batch dynamic) and returns ``descriptors`` (float32, ``(batch, out_dim)``, L2-normalised). The model config is
-stored as JSON in the file's metadata (key ``netvlad_model_config``) so a consumer knows the input size and
+batch dynamic; H × W fixed: the config's input size — for a vision transformer the position embedding is resampled
+for that size before tracing) and returns ``descriptors`` (float32, ``(batch, out_dim)``, L2-normalised). The model
+config is stored as JSON in the file's metadata (key ``netvlad_model_config``) so a consumer knows the input size and
 normalisation. The file is written atomically and only after onnxruntime reproduced PyTorch's outputs.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -82,11 +84,15 @@ def export_onnx(model: torch.nn.Module, model_cfg: ModelConfig, out: str | os.Pa
         raise NetVLADError(f"check batch must be at least 1, got {check_batch}")
     height, width = int(model_cfg.input_height), int(model_cfg.input_width)
     model = model.to("cpu", torch.float32).eval()
+    traced = model
+    if hasattr(model.backbone, "fix_input_size"):  # a transformer: its position embedding resampled for this size
+        traced = copy.deepcopy(model)
+        traced.backbone.fix_input_size(height, width)
     generator = torch.Generator().manual_seed(seed)
     example = torch.randn(2, 3, height, width, generator=generator)
     check = torch.randn(check_batch, 3, height, width, generator=generator)
     try:
-        data = _export_bytes(model, example, opset)
+        data = _export_bytes(traced, example, opset)
     except Exception as e:  # the exporter raises many types for unsupported ops / opsets
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise NetVLADError(f"ONNX export (opset {opset}) failed: {first}") from None

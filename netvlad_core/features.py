@@ -28,7 +28,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -40,7 +40,15 @@ from .datasets.manifest import Split
 from .device import autocast, prepare_model, to_device
 from .distributed import DistContext, barrier, broadcast_object, gather_batch, num_rounds, pad_rounds, shard_indices
 from .errors import NetVLADError
-from .io import atomic_path, disk_full_error, ensure_free_space, is_disk_full, reserve_space
+from .io import (
+    atomic_path,
+    disk_full_error,
+    ensure_free_space,
+    is_disk_full,
+    open_h5_for_reading,
+    require_file,
+    reserve_space,
+)
 from .models.build import ModelConfig
 
 
@@ -178,6 +186,101 @@ def _partial_path(out_h5: Path) -> Path:
     return out_h5.with_name(f".{out_h5.name}.partial")
 
 
+@dataclass
+class _PartialFeatures:
+    """Rank 0's hidden partial features file and its resume record (``<partial>.json``, the identity it was made
+    from); ``committed``: whether it holds rows a rerun can resume from."""
+
+    path: Path
+    h5: Any = None
+    committed: bool = False
+
+    @property
+    def identity_file(self) -> Path:
+        return self.path.with_name(self.path.name + ".json")
+
+    def open(self, stack: contextlib.ExitStack, identity: str, *, out_h5: Path, rows: dict[str, int], dim: int,
+             dtype, rows_bytes: int) -> dict[str, int]:
+        """Resume the partial file made from ``identity``, or start one (any other is discarded) with its space
+        reserved; returns the rows done per role."""
+        import h5py
+
+        resume = False
+        if self.path.exists():
+            try:
+                with h5py.File(self.path, "r"):
+                    resume = self.identity_file.is_file() and self.identity_file.read_text() == identity
+            except OSError:
+                resume = False
+            if not resume:
+                self.discard()
+        if not resume:  # the final file's size must be free before anything is written
+            ensure_free_space(out_h5, rows_bytes + FINAL_ATTRIBUTES_BYTES)
+        self.h5 = stack.enter_context(h5py.File(self.path, "r+" if resume else "w"))
+        if resume:
+            reserve_space(self.path, self.path.stat().st_size)
+        else:
+            self.h5.attrs["complete"] = False
+            for role, n in rows.items():
+                self.h5.create_dataset(role, shape=(n, dim), dtype=dtype, dcpl=_allocated_now())
+                self.h5.attrs[f"{role}_done"] = 0
+            self.h5.flush()  # the rows' space, and some for the final attributes, reserved before any image is read
+            reserve_space(self.path, self.path.stat().st_size + FINAL_ATTRIBUTES_BYTES)
+            with atomic_path(self.identity_file, replaces_input=True) as tmp:  # the resume record
+                tmp.write_text(identity)
+        done = {role: int(self.h5.attrs[f"{role}_done"]) for role in rows}
+        self.committed = any(done.values())
+        return done
+
+    def commit(self, role: str, rows_done: int) -> None:
+        self.h5.attrs[f"{role}_done"] = rows_done
+        self.h5.flush()
+        self.committed = True
+
+    def discard(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.identity_file.unlink(missing_ok=True)
+
+
+def _features_identity(model_cfg: ModelConfig, split: Split, fingerprint: str, dim: int, dtype) -> str:
+    """What a partial file must have been made from to be resumed (one stat per image: rank 0 only)."""
+    from .datasets.manifest import split_fingerprint
+
+    return json.dumps({"model": fingerprint, "split": split.name, "dataset": split.dataset,
+                       "split_fingerprint": split_fingerprint(split, files=True), "num_db": split.num_db,
+                       "num_queries": split.num_queries, "dim": dim, "dtype": np.dtype(dtype).name,
+                       "height": model_cfg.input_height, "width": model_cfg.input_width,
+                       "mean": [float(v) for v in model_cfg.mean],
+                       "std": [float(v) for v in model_cfg.std]}, sort_keys=True)
+
+
+def _encode_role(model, model_cfg: ModelConfig, files: list[Path], done: int, *, role: str, desc: str,
+                 partial: _PartialFeatures | None, dtype, device: torch.device, cfg: FeatureConfig,
+                 dist: DistContext | None, show: bool) -> None:
+    """Encode ``files[done:]`` into the partial file's dataset ``role`` (rank 0; the other ranks encode their
+    share), committing the progress every ``cfg.flush_every`` batches."""
+    from tqdm import tqdm
+
+    dset = partial.h5[role] if partial is not None else None
+    rounds = encode_rounds(model, files, height=model_cfg.input_height, width=model_cfg.input_width,
+                           mean=model_cfg.mean, std=model_cfg.std, device=device, batch_size=cfg.batch_size,
+                           num_workers=cfg.num_workers, amp=cfg.amp, dist=dist, start=done)
+    with tqdm(total=len(files), initial=done, desc=desc, unit="img", disable=not show) as bar:
+        for b, (idx, rows) in enumerate(rounds):
+            lo = int(idx[0])  # a batch (or a round) is a contiguous run of original indices
+            if not np.isfinite(rows).all():  # every rank sees the round: all raise the same error
+                first_bad = int(np.flatnonzero(~np.isfinite(rows).all(axis=1))[0])
+                bad = lo + first_bad if dist is not None else lo
+                raise NetVLADError(f"{files[bad]}: the model produced NaN/inf descriptors for this batch")
+            if dset is not None:
+                dset[lo:lo + len(idx)] = rows.astype(dtype)
+                if (b + 1) % cfg.flush_every == 0:
+                    partial.commit(role, lo + len(idx))
+            bar.update(len(idx))
+    if partial is not None:
+        partial.commit(role, len(files))
+
+
 def extract_split_features(model, model_cfg: ModelConfig, split: Split, out_h5: str | os.PathLike, *,
                            device: torch.device, cfg: FeatureConfig, progress: bool = True,
                            dist: DistContext | None = None) -> Path:
@@ -186,113 +289,48 @@ def extract_split_features(model, model_cfg: ModelConfig, split: Split, out_h5: 
 
     Under torchrun (``dist`` with several processes) the images are sharded over the ranks and rank 0 alone
     writes (and resumes) the file; every rank returns once the final file exists."""
-    import h5py
-    from tqdm import tqdm
-
-    from .datasets.manifest import split_fingerprint
-
     cfg.validate()
     out_h5 = Path(out_h5)
     out_h5.parent.mkdir(parents=True, exist_ok=True)
-    partial = _partial_path(out_h5)
-    identity_file = partial.with_name(partial.name + ".json")
     model = prepare_model(model, device)
     fingerprint = model_fingerprint(model)
     dtype = np.float16 if cfg.float16 else np.float32
     dim = int(model.out_dim)
+    roles = {"db": split.db_files(), "query": split.query_files()}
     rows_bytes = (split.num_db + split.num_queries) * dim * np.dtype(dtype).itemsize
     is_main = dist is None or dist.is_main
-    show = progress and is_main
-    # What a partial file must have been made from to be resumed (computed by rank 0 only: one stat per image).
-    identity = json.dumps({"model": fingerprint, "split": split.name, "dataset": split.dataset,
-                           "split_fingerprint": split_fingerprint(split, files=True), "num_db": split.num_db,
-                           "num_queries": split.num_queries, "dim": dim, "dtype": np.dtype(dtype).name,
-                           "height": model_cfg.input_height, "width": model_cfg.input_width,
-                           "mean": [float(v) for v in model_cfg.mean],
-                           "std": [float(v) for v in model_cfg.std]}, sort_keys=True) if is_main else None
-    committed = False  # whether the partial file holds rows a rerun can resume from
+    partial = _PartialFeatures(_partial_path(out_h5)) if is_main else None  # only rank 0 opens and writes it
     try:
         with contextlib.ExitStack() as stack:
-            h5 = None
             done_by_role: dict[str, int] = {}
-            if is_main:  # only rank 0 opens, resumes and writes the partial file
-                resume = False
-                if partial.exists():
-                    try:
-                        with h5py.File(partial, "r"):
-                            resume = identity_file.is_file() and identity_file.read_text() == identity
-                    except OSError:
-                        resume = False
-                    if not resume:
-                        partial.unlink()
-                        identity_file.unlink(missing_ok=True)
-                if not resume:  # the final file's size must be free before anything is written
-                    ensure_free_space(out_h5, rows_bytes + FINAL_ATTRIBUTES_BYTES)
-                h5 = stack.enter_context(h5py.File(partial, "r+" if resume else "w"))
-                if not resume:
-                    h5.attrs["complete"] = False
-                    for role, n in (("db", split.num_db), ("query", split.num_queries)):
-                        h5.create_dataset(role, shape=(n, dim), dtype=dtype, dcpl=_allocated_now())
-                        h5.attrs[f"{role}_done"] = 0
-                    h5.flush()  # the rows' space, and some for the final attributes, reserved before any image is read
-                    reserve_space(partial, partial.stat().st_size + FINAL_ATTRIBUTES_BYTES)
-                    with atomic_path(identity_file) as tmp:
-                        tmp.write_text(identity)
-                else:
-                    reserve_space(partial, partial.stat().st_size)
-                done_by_role = {role: int(h5.attrs[f"{role}_done"]) for role in ("db", "query")}
-                committed = any(done_by_role.values())
+            if partial is not None:
+                done_by_role = partial.open(stack, _features_identity(model_cfg, split, fingerprint, dim, dtype),
+                                            out_h5=out_h5, rows={r: len(f) for r, f in roles.items()}, dim=dim,
+                                            dtype=dtype, rows_bytes=rows_bytes)
             if dist is not None:
                 done_by_role = broadcast_object(done_by_role, dist, what="sharing the resume position")
-            for role, files in (("db", split.db_files()), ("query", split.query_files())):
-                done = done_by_role[role]
-                if done >= len(files):
-                    continue
-                dset = h5[role] if h5 is not None else None
-                rounds = encode_rounds(model, files, height=model_cfg.input_height,
-                                       width=model_cfg.input_width, mean=model_cfg.mean,
-                                       std=model_cfg.std, device=device, batch_size=cfg.batch_size,
-                                       num_workers=cfg.num_workers, amp=cfg.amp, dist=dist, start=done)
-                with tqdm(total=len(files), initial=done, desc=f"{split.name} {role}", unit="img",
-                          disable=not show) as bar:
-                    for b, (idx, desc) in enumerate(rounds):
-                        lo = int(idx[0])  # a batch (or a round) is a contiguous run of original indices
-                        if not np.isfinite(desc).all():  # every rank sees the round: all raise the same error
-                            first_bad = int(np.flatnonzero(~np.isfinite(desc).all(axis=1))[0])
-                            bad = lo + first_bad if dist is not None else lo
-                            raise NetVLADError(f"{files[bad]}: the model produced NaN/inf descriptors for this batch")
-                        if dset is not None:
-                            dset[lo:lo + len(idx)] = desc.astype(dtype)
-                            if (b + 1) % cfg.flush_every == 0:
-                                h5.attrs[f"{role}_done"] = lo + len(idx)
-                                h5.flush()
-                                committed = True
-                        bar.update(len(idx))
-                if h5 is not None:
-                    h5.attrs[f"{role}_done"] = len(files)
-                    h5.flush()
-            if h5 is not None:
-                h5.attrs["split"] = split.name
-                h5.attrs["dataset"] = split.dataset
-                h5.attrs["model"] = json.dumps(model_cfg.to_dict(), sort_keys=True)
-                h5.attrs["model_fingerprint"] = fingerprint
-                h5.attrs["dim"] = dim
-                h5.attrs["dtype"] = np.dtype(dtype).name
-                h5.attrs["feature_config"] = json.dumps(asdict(cfg), sort_keys=True)
-                h5.attrs["complete"] = True
+            for role, files in roles.items():
+                if done_by_role[role] < len(files):
+                    _encode_role(model, model_cfg, files, done_by_role[role], role=role, desc=f"{split.name} {role}",
+                                 partial=partial, dtype=dtype, device=device, cfg=cfg, dist=dist,
+                                 show=progress and is_main)
+            if partial is not None:
+                partial.h5.attrs.update({"split": split.name, "dataset": split.dataset,
+                                         "model": json.dumps(model_cfg.to_dict(), sort_keys=True),
+                                         "model_fingerprint": fingerprint, "dim": dim, "dtype": np.dtype(dtype).name,
+                                         "feature_config": json.dumps(asdict(cfg), sort_keys=True), "complete": True})
     except BaseException as e:
         # A partial file that holds no committed rows is no use to a rerun; one written on a full disk may be
         # corrupt: remove both, so a failure leaves nothing behind but a partial a rerun can resume from.
         full = isinstance(e, Exception) and not isinstance(e, NetVLADError) and is_disk_full(e)
-        if is_main and (full or not committed):
-            partial.unlink(missing_ok=True)
-            identity_file.unlink(missing_ok=True)
+        if partial is not None and (full or not partial.committed):
+            partial.discard()
         if full:
             raise disk_full_error(out_h5, rows_bytes) from None
         raise
-    if is_main:
-        os.replace(partial, out_h5)
-        identity_file.unlink(missing_ok=True)
+    if partial is not None:
+        os.replace(partial.path, out_h5)
+        partial.identity_file.unlink(missing_ok=True)
     if dist is not None:
         barrier(dist, "waiting for rank 0 to finish the features file")
     return out_h5
@@ -322,13 +360,10 @@ def write_split_features(model_file: str | os.PathLike, split_dir: str | os.Path
 
 def read_features(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict]:
     """``(db, query, attrs)`` from a finished features file, as float32 arrays."""
-    import h5py
 
-    path = Path(path)
-    if not path.is_file():
-        raise NetVLADError(f"{path}: file not found")
+    path = require_file(path)
     try:
-        with h5py.File(path, "r") as h5:
+        with open_h5_for_reading(path) as h5:
             if not bool(h5.attrs.get("complete", False)):
                 raise NetVLADError(f"{path}: features file is incomplete (interrupted extraction)")
             if "db" not in h5 or "query" not in h5:

@@ -64,8 +64,9 @@ class ImportConfig:
                                       "documented size (480, Pittsburgh's native height).")
     input_width: int | None = option(None, "Width the model's images are resized to; unset: the format's "
                                      "documented size (640).")
-    download_dir: str | None = option(None, "Folder for downloaded sources (resumed, reused when the sha256 "
-                                      "matches); unset: $XDG_CACHE_HOME/netvlad/downloads (~/.cache/...).")
+    download_dir: str | None = option(None, "Folder for downloaded sources (resumed; a cached copy is reused when "
+                                      "it matches --sha256, or else when the server says it has not changed); "
+                                      "unset: $XDG_CACHE_HOME/netvlad/downloads (~/.cache/...).")
 
     def validate(self) -> None:
         if self.model_format not in ("auto", *FORMATS):
@@ -78,6 +79,12 @@ class ImportConfig:
             from .download import normalise_sha256
 
             normalise_sha256(self.sha256)
+
+
+class UnreadableFile(NetVLADError):
+    """The source file does not read as a model file of any supported kind (not a readable MAT file or PyTorch
+    checkpoint): what a download that went wrong (an error page served with status 200, a transfer cut short)
+    looks like."""
 
 
 @dataclass
@@ -102,9 +109,11 @@ def _default_download_dir() -> Path:
 def resolve_source(src: str, cfg: ImportConfig, *, progress: bool = True,
                    log: Callable[[str], None] | None = None) -> tuple[Path, str]:
     """``(local file, its sha256)`` for ``src``: an http(s) URL (downloaded, resumably, into the download folder and
-    reused from there when complete), a local file, or a folder holding one checkpoint (pytorch-NetVlad's run
-    folder: ``checkpoints/model_best.pth.tar`` first). ``cfg.sha256`` is checked."""
-    from .download import fetch, normalise_sha256, sha256_file
+    reused from there only while it is current: see :func:`netvlad_core.download.fetch`), a local file, or a folder
+    holding one checkpoint (pytorch-NetVlad's run folder: ``checkpoints/model_best.pth.tar`` first). ``cfg.sha256``
+    is checked."""
+    from .download import fetch, normalise_sha256, public_url, sha256_file
+    from .io import require_file
 
     expected = normalise_sha256(cfg.sha256)
     parsed = urlparse(src)
@@ -114,16 +123,11 @@ def resolve_source(src: str, cfg: ImportConfig, *, progress: bool = True,
         name = Path(unquote(parsed.path)).name or "download"
         folder = Path(cfg.download_dir).expanduser() if cfg.download_dir else _default_download_dir()
         dest = folder / f"{hashlib.sha256(src.encode()).hexdigest()[:12]}-{name}"
-        if dest.is_file():
-            digest = sha256_file(dest)
-            if expected is None or digest == expected:
-                return dest, digest
-            if log is not None:
-                log(f"import: cached {dest} does not match --sha256; downloading again")
-            dest.unlink()
-        return dest, fetch(src, dest, sha256=expected, progress=progress)
+        note = None if log is None else (lambda line: log(f"import: {line}"))
+        return dest, fetch(src, dest, sha256=expected, progress=progress, log=note)
     if len(parsed.scheme) > 1 and parsed.scheme.lower() != "file":
-        raise NetVLADError(f"{src}: unsupported URL scheme {parsed.scheme!r} (use http, https or a local path)")
+        raise NetVLADError(f"{public_url(src)}: unsupported URL scheme {parsed.scheme!r} (use http, https or a local "
+                           f"path)")
     path = Path(unquote(parsed.path) if parsed.scheme.lower() == "file" else src).expanduser()
     if path.is_dir():
         found = [path / n for n in _CHECKPOINT_NAMES if (path / n).is_file()]
@@ -134,8 +138,7 @@ def resolve_source(src: str, cfg: ImportConfig, *, progress: bool = True,
                                    f"({len(candidates)} candidates): give the file")
             found = candidates
         path = found[0]
-    if not path.is_file():
-        raise NetVLADError(f"{path}: file not found")
+    require_file(path)
     digest = sha256_file(path)
     if expected is not None and digest != expected:
         raise NetVLADError(f"{path}: sha256 mismatch, expected {expected}, got {digest}")
@@ -202,7 +205,7 @@ def read_mat(path: Path) -> dict[str, Any]:
     except NotImplementedError:  # "Please use HDF reader for matlab v7.3 files"
         pass
     except Exception as e:  # truncated or corrupt: scipy raises ValueError, TypeError, OSError …
-        raise NetVLADError(f"{path}: not a readable MAT file ({_first_line(e)})") from None
+        raise UnreadableFile(f"{path}: not a readable MAT file ({_first_line(e)})") from None
     import h5py
 
     try:
@@ -219,7 +222,7 @@ def read_mat(path: Path) -> dict[str, Any]:
     except NetVLADError:
         raise
     except Exception as e:
-        raise NetVLADError(f"{path}: not a readable MAT v7.3 file ({_first_line(e)})") from None
+        raise UnreadableFile(f"{path}: not a readable MAT v7.3 file ({_first_line(e)})") from None
 
 
 class _Opaque:
@@ -282,9 +285,27 @@ def _numbers(x: Any, what: str) -> np.ndarray:
 
 def _ints(x: Any, what: str, count: tuple[int, ...]) -> list[int]:
     values = _numbers(x, what)
-    if values.size not in count or not np.all(values == np.round(values)):
+    # finite and in range before any conversion (int(inf) raises, NaN casts warn)
+    if values.size not in count or not np.all(np.isfinite(values)) or not np.all(np.abs(values) <= _MAX_INT) \
+            or not np.all(values == np.round(values)):
         raise NetVLADError(f"{what}: expected {' or '.join(map(str, count))} integers, got {values.tolist()}")
     return [int(v) for v in values]
+
+
+_MAX_INT = 2 ** 31 - 1  # no layer geometry in a real network comes near it; torch's int arguments overflow beyond
+
+
+def _float32(x: Any, what: str) -> np.ndarray:
+    """``x`` as float32, refusing non-numeric values and values that are NaN, infinite or beyond float32's range
+    (checked here, where the layer is known, instead of a cast warning and a NaN descriptor later)."""
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = np.asarray(x).astype(np.float32, copy=False)
+    except (TypeError, ValueError):
+        raise NetVLADError(f"{what}: not numeric") from None
+    if out.dtype.kind != "f" or not np.all(np.isfinite(out)):
+        raise NetVLADError(f"{what}: holds NaN or infinite values (or values beyond float32's range)")
+    return out
 
 
 def _cell(x: Any) -> list:
@@ -300,7 +321,7 @@ def _array(x: Any, what: str, ndim: int = 4) -> np.ndarray:
         raise NetVLADError(f"{what}: missing or not a numeric array")
     if x.ndim > ndim:
         raise NetVLADError(f"{what}: {x.ndim}-D array {x.shape}, expected at most {ndim}-D")
-    return x.reshape(x.shape + (1,) * (ndim - x.ndim)).astype(np.float32, copy=False)
+    return _float32(x.reshape(x.shape + (1,) * (ndim - x.ndim)), what)
 
 
 # --------------------------------------------------------------------------------------------- MatConvNet
@@ -348,19 +369,33 @@ def _mat_network(path: Path) -> tuple[list[_MatLayer], Any]:
     return out, normalization
 
 
-def _average_colour(normalization: Any, path: Path) -> tuple[float, float, float]:
+def _average_colour(normalization: Any, path: Path, log: Callable[[str], None] | None = None
+                    ) -> tuple[float, float, float]:
+    """The colour subtracted from the 0–255 input: ``averageImage(1,1,:)``, as the NetVLAD code subtracts it
+    (``computeRepresentation.m``: ``im(:,:,c) - net.meta.normalization.averageImage(1,1,c)``), as MatConvNet's
+    users commonly do. The caffe-style files store a full H×W×3 mean image whose top-left pixel is not its average
+    colour: ``log`` gets one line naming both then."""
     average = _get(normalization, "averageImage") if normalization is not None else None
     if average is None:
         raise NetVLADError(f"{path}: no meta.normalization.averageImage (the input mean the network expects)")
-    arr = np.asarray(_unwrap(average), dtype=np.float64)
-    if arr.ndim == 3 and arr.shape[2] == 3:
-        colour = arr[0, 0, :]
-    elif arr.size == 3:
-        colour = arr.ravel()
-    else:
+    try:
+        arr = np.asarray(_unwrap(average), dtype=np.float64)
+    except (TypeError, ValueError):
+        raise NetVLADError(f"{path}: averageImage is not numeric") from None
+    if not (arr.ndim == 3 and arr.shape[2] == 3) and arr.size != 3:
         raise NetVLADError(f"{path}: averageImage has shape {arr.shape}, expected H×W×3 or 3 values")
-    if not np.all(np.isfinite(colour)):
+    if not np.all(np.isfinite(arr)):
         raise NetVLADError(f"{path}: averageImage holds NaN or infinite values")
+    if arr.ndim == 3 and arr.size > 3:
+        colour = arr[0, 0, :]
+        if log is not None and not np.all(arr == colour):
+            mean = arr.mean(axis=(0, 1))
+            log(f"import: {path}: averageImage is a {arr.shape[0]}×{arr.shape[1]} mean image, not one colour; the "
+                f"input is RGB 0-255 minus its pixel (1,1) = ({', '.join(f'{v:.4f}' for v in colour)}), as the "
+                f"NetVLAD code subtracts averageImage(1,1,:), not its average colour "
+                f"({', '.join(f'{v:.4f}' for v in mean)})")
+    else:
+        colour = arr.ravel()
     return tuple(float(v) for v in colour)  # type: ignore[return-value]
 
 
@@ -374,7 +409,7 @@ def _conv_weights(layer: _MatLayer) -> tuple[np.ndarray, np.ndarray]:
     else:
         filters, biases = _get(layer.raw, "filters"), _get(layer.raw, "biases")
     w = _array(filters, f"{layer.where}: filters")
-    b = np.asarray(_unwrap(biases), dtype=np.float32).ravel() if biases is not None else np.zeros(0, np.float32)
+    b = _float32(_unwrap(biases), f"{layer.where}: biases").ravel() if biases is not None else np.zeros(0, np.float32)
     if b.size == 0:
         b = np.zeros(w.shape[3], np.float32)
     if b.size != w.shape[3]:
@@ -384,8 +419,9 @@ def _conv_weights(layer: _MatLayer) -> tuple[np.ndarray, np.ndarray]:
 
 def _normalize_param(layer: _MatLayer) -> list[float]:
     param = _numbers(_get(layer.raw, "param"), f"{layer.where}: param")
-    if param.size != 4:
-        raise NetVLADError(f"{layer.where}: normalize param must be [N kappa alpha beta], got {param.tolist()}")
+    if param.size != 4 or not np.all(np.isfinite(param)):
+        raise NetVLADError(f"{layer.where}: normalize param must be 4 finite numbers [N kappa alpha beta], got "
+                           f"{param.tolist()}")
     return [float(v) for v in param]
 
 
@@ -432,6 +468,8 @@ def _trunk_layers(layers: list[_MatLayer], head_start: int | None, path: Path
             channels = fout
         elif layer.kind == "relu":
             leak = _numbers(_get(layer.raw, "leak", 0), f"{layer.where}: leak")
+            if leak.size > 1 or not np.all(np.isfinite(leak)):
+                raise NetVLADError(f"{layer.where}: leak must be one finite number, got {leak.tolist()}")
             spec = {"type": "relu", "index": layer.index, "name": layer.name,
                     "leak": float(leak[0]) if leak.size else 0.0}
         elif layer.kind == "pool":
@@ -465,7 +503,8 @@ def _expect(layers: list[_MatLayer], i: int, what: str, ok: bool, path: Path) ->
         raise NetVLADError(f"{path}: expected {what} at layer {i + 1}, got {got}")
 
 
-def import_matconvnet(path: Path, cfg: ImportConfig) -> tuple[PlaceModel, ModelConfig]:
+def import_matconvnet(path: Path, cfg: ImportConfig, log: Callable[[str], None] | None = None
+                      ) -> tuple[PlaceModel, ModelConfig]:
     """The model of a MatConvNet SimpleNN file (see the module docstring)."""
     layers, normalization = _mat_network(path)
     core = next((i for i, layer in enumerate(layers)
@@ -476,7 +515,7 @@ def import_matconvnet(path: Path, cfg: ImportConfig) -> tuple[PlaceModel, ModelC
         _expect(layers, head_start, "the preL2 normalize layer before vlad:core", head_start >= 0
                 and layers[head_start].kind == "normalize", path)
     specs, trunk_state, channels = _trunk_layers(layers, head_start, path)
-    colour = _average_colour(normalization, path)
+    colour = _average_colour(normalization, path, log)
     model_cfg = ModelConfig(backbone="matconvnet", weights="none", layers=specs, pooling="max",
                             mean=tuple(c / 255.0 for c in colour), std=(1 / 255.0,) * 3,  # 0–255 minus the colour
                             input_height=cfg.input_height or ModelConfig.input_height,
@@ -502,15 +541,15 @@ def import_matconvnet(path: Path, cfg: ImportConfig) -> tuple[PlaceModel, ModelC
             raise NetVLADError(f"{path}: {vlad.where}: {centres.size} centre values, expected D×K = {d}×{k}")
         for key, value in (("K", k), ("D", d)):
             stated = _get(vlad.raw, key)
-            if stated is not None and _numbers(stated, key).size and int(_numbers(stated, key)[0]) != value:
-                raise NetVLADError(f"{path}: {vlad.where}: says {key} = {int(_numbers(stated, key)[0])}, its weights "
-                                   f"have {key} = {value}")
+            said = _numbers(stated, f"{vlad.where}: {key}") if stated is not None else np.zeros(0)
+            if said.size and said[0] != value:  # NaN differs from every value: no cast, no warning
+                raise NetVLADError(f"{path}: {vlad.where}: says {key} = {said[0]:g}, its weights have {key} = {value}")
         model_cfg = replace(model_cfg, pooling="netvlad", num_clusters=k, vladv2=len(weights) == 3)
         head_state["pool.conv.weight"] = torch.from_numpy(np.ascontiguousarray(
             assign.reshape(d, k, order="F").T))[:, :, None, None]
         head_state["pool.centroids"] = torch.from_numpy(np.ascontiguousarray(-centres.reshape(d, k, order="F").T))
         if len(weights) == 3:
-            bias = np.asarray(weights[1], dtype=np.float32).ravel()
+            bias = _float32(weights[1], f"{vlad.where}: assignment biases").ravel()
             if bias.size != k:
                 raise NetVLADError(f"{path}: {vlad.where}: {bias.size} assignment biases for K = {k}")
             head_state["pool.conv.bias"] = torch.from_numpy(bias.copy())
@@ -547,7 +586,10 @@ def _allowed_numpy_globals() -> list:
 
 
 def read_checkpoint(path: Path) -> Any:
-    """``torch.load(weights_only=True)`` with the numpy scalar globals allowed; one line for anything else."""
+    """``torch.load(weights_only=True)`` with the numpy scalar globals allowed; one line for anything else (in our
+    words: torch's advice to load with ``weights_only=False`` is not repeated)."""
+    from .io import torch_load_problem
+
     try:
         with torch.serialization.safe_globals(_allowed_numpy_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -555,10 +597,10 @@ def read_checkpoint(path: Path) -> Any:
         text = str(e)
         match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text) or re.search(r"GLOBAL ([\w.]+)", text)
         if match:
-            raise NetVLADError(f"{path}: refused: its pickle calls {match.group(1)}, which could run code (only "
-                               f"tensors, containers and numpy scalars are read, torch.load weights_only=True)"
-                               ) from None
-        raise NetVLADError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
+            raise UnreadableFile(f"{path}: refused: its pickle calls {match.group(1)}, which could run code (only "
+                                 f"tensors, containers and numpy scalars are read, torch.load weights_only=True)"
+                                 ) from None
+        raise UnreadableFile(f"{path}: not a readable PyTorch checkpoint ({torch_load_problem(e, path)})") from None
 
 
 def _tensor_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -631,15 +673,32 @@ def _pca(state: dict[str, torch.Tensor], prefix: str, path: Path, vlad_dim: int,
     return weight.contiguous(), bias.contiguous()
 
 
+#: The flags.json keys import reads, with what each must be (pytorch-NetVlad writes its argparse options).
+_FLAG_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "num_clusters": ("an integer >= 1", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+    "pooling": ("a string", lambda v: isinstance(v, str)),
+    "arch": ("a string", lambda v: isinstance(v, str)),
+    "vladv2": ("true or false", lambda v: isinstance(v, bool)),
+}
+
+
 def _flags(path: Path) -> dict:
+    """The flags.json beside the checkpoint (or one folder up), its keys that import reads checked for type."""
     for candidate in (path.parent / "flags.json", path.parent.parent / "flags.json"):
         if candidate.is_file():
+            def refuse(constant: str):
+                raise ValueError(f"{constant} is not a JSON number")
+
             try:
-                flags = json.loads(candidate.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise NetVLADError(f"{candidate}: not valid JSON ({e})") from None
+                flags = json.loads(candidate.read_text(), parse_constant=refuse)
+            except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+                raise NetVLADError(f"{path}: its {candidate} is not valid JSON ({_first_line(e)})") from None
             if not isinstance(flags, dict):
-                raise NetVLADError(f"{candidate}: expected a JSON object")
+                raise NetVLADError(f"{path}: its {candidate} is not a JSON object")
+            for key, (what, ok) in _FLAG_TYPES.items():
+                if key in flags and not ok(flags[key]):
+                    raise NetVLADError(f"{path}: its {candidate} says {key} {json.dumps(flags[key])}; expected "
+                                       f"{what}")
             return flags
     return {}
 
@@ -654,9 +713,9 @@ def import_pytorch_netvlad(path: Path, cfg: ImportConfig, payload: Any, *, with_
     arch, tensors = _encoder(state, "encoder.", flags.get("arch"), path)
     dim = 512 if arch == "vgg16" else 256
     k, v2, pool = _netvlad_state(state, "pool.", path, dim)
-    if "num_clusters" in flags and int(flags["num_clusters"]) != k:
+    if "num_clusters" in flags and flags["num_clusters"] != k:
         raise NetVLADError(f"{path}: flags.json says num_clusters {flags['num_clusters']}, pool.centroids has K = {k}")
-    if "vladv2" in flags and bool(flags["vladv2"]) != v2:
+    if "vladv2" in flags and flags["vladv2"] != v2:
         raise NetVLADError(f"{path}: flags.json says vladv2 {flags['vladv2']}, but pool.conv "
                            f"{'has' if v2 else 'has no'} bias")
     whitening = None
@@ -729,13 +788,26 @@ def detect_format(path: Path, payload: Any = None) -> str:
         return "openibl"
     if any(k.startswith("encoder.") for k in keys) and any(k.startswith("pool.") for k in keys):
         return "patchnetvlad" if any(k.startswith("WPCA.") for k in keys) else "pytorch-netvlad"
-    raise NetVLADError(f"{path}: unknown layout: not a MAT file, and a checkpoint whose keys match none of "
+    raise UnreadableFile(f"{path}: unknown layout: not a MAT file, and a checkpoint whose keys match none of "
                        f"pytorch-NetVlad (encoder.*, pool.*), Patch-NetVLAD (+ WPCA.0.*, num_pcs) or OpenIBL "
                        f"(base_model.base.*, net_vlad.*, pca_layer.*)")
 
 
-def import_file(path: Path, cfg: ImportConfig) -> tuple[PlaceModel, ModelConfig, str]:
-    """``(model, config, format)`` of the released model in the local file ``path``."""
+def import_file(path: Path, cfg: ImportConfig, log: Callable[[str], None] | None = None
+                ) -> tuple[PlaceModel, ModelConfig, str]:
+    """``(model, config, format)`` of the released model in the local file ``path``. Every error names ``path``
+    (a message that does not start with it gets it in front); :class:`UnreadableFile` when the file does not read
+    as any supported kind of file."""
+    try:
+        return _import_file(path, cfg, log)
+    except NetVLADError as e:
+        if str(e).startswith(str(path)):
+            raise
+        raise type(e)(f"{path}: {e}") from None
+
+
+def _import_file(path: Path, cfg: ImportConfig, log: Callable[[str], None] | None) -> tuple[PlaceModel, ModelConfig,
+                                                                                           str]:
     fmt = cfg.model_format
     payload = None
     is_mat = _is_mat_file(path)
@@ -745,8 +817,9 @@ def import_file(path: Path, cfg: ImportConfig) -> tuple[PlaceModel, ModelConfig,
         fmt = detect_format(path, payload)
     if fmt == "matconvnet":
         if not is_mat:
-            raise NetVLADError(f"{path}: not a MAT file (format matconvnet)")
-        model, model_cfg = import_matconvnet(path, cfg)
+            read_checkpoint(path)  # UnreadableFile when it is not a checkpoint either (e.g. a web page)
+            raise NetVLADError(f"{path}: not a MAT file but a PyTorch checkpoint (format matconvnet; try auto)")
+        model, model_cfg = import_matconvnet(path, cfg, log)
         return model, model_cfg, fmt
     if is_mat:
         raise NetVLADError(f"{path}: a MAT file, not a {fmt} checkpoint (use --format matconvnet or auto)")
@@ -763,16 +836,25 @@ def import_model(src: str, out: str | os.PathLike, *, cfg: ImportConfig, progres
                  log: Callable[[str], None] = print) -> ImportReport:
     """The ``import`` command: the released model ``src`` (URL, file or folder) as this project's model file ``out``,
     its config recording where it came from (format, name, sha256). Nothing is written unless everything checked."""
+    from .download import discard_download, public_url
     from .io import distinct_paths
 
     cfg.validate()
     if not isinstance(src, str) or not src:
         raise NetVLADError("no source given: a file, a folder or an http(s) URL")
     out = Path(out)
+    downloaded = urlparse(src).scheme.lower() in ("http", "https")
     local, digest = resolve_source(src, cfg, progress=progress, log=log)
     distinct_paths({"SRC": local}, {"--out": out})
-    model, model_cfg, fmt = import_file(local, cfg)
-    name = src if urlparse(src).scheme.lower() in ("http", "https") else local.name
+    try:
+        model, model_cfg, fmt = import_file(local, cfg, log)
+    except UnreadableFile as e:
+        if not downloaded:
+            raise
+        # an error page served with status 200, a transfer cut short without Content-Length: never a cache entry
+        discard_download(local)
+        raise NetVLADError(f"{e} (downloaded from {public_url(src)}; the cached copy was discarded)") from None
+    name = public_url(src) if downloaded else local.name  # no user:password, no query string (a signature)
     model_cfg = replace(model_cfg, source={"format": fmt, "name": name, "sha256": digest})
     save_model(out, model, model_cfg)
     head = (f"NetVLAD K={model_cfg.num_clusters}{' v2' if model_cfg.vladv2 else ''}, "

@@ -26,7 +26,7 @@ from .datasets.manifest import Split, load_split
 from .device import prepare_model
 from .errors import NetVLADError, NetVLADWarning
 from .models.build import ModelConfig
-from .retrieval import WEIGHTINGS, estimate_positions, exact_search
+from .retrieval import WEIGHTINGS, NonFiniteDistances, estimate_positions, exact_search
 
 
 @dataclass
@@ -167,7 +167,10 @@ def localize(model: torch.nn.Module, model_cfg: ModelConfig, images: Sequence[st
         raise NetVLADError("the model produced NaN/inf descriptors for the photos")
 
     k = max(cfg.top_k, cfg.localisation_k)
-    distances, indices = exact_search(db, queries, k, device=device)
+    try:
+        distances, indices = exact_search(db, queries, k, device=device)
+    except NonFiniteDistances as e:
+        raise e.located(str(database_h5 if e.role == "database" else images[good[e.row][0]])) from None
     estimates = estimate_positions(indices, distances, split.db_utm, min(cfg.localisation_k, indices.shape[1]),
                                    cfg.weighting, temperature=cfg.temperature)
     results = []

@@ -1,12 +1,25 @@
 """What a change did, for review: the working tree's params, metrics and recall@N curves against a git revision.
 
-:func:`write_report` asks DVC for the differences (``dvc params diff BASE --json``, ``dvc metrics diff BASE --all
---json``), so the tables hold what DVC shows, and reads the recall@N curve CSVs of BASE with ``git show BASE:path``
-(they are committed, ``cache: false``), so no DVC remote is needed. It writes a Markdown report (the two tables,
-numbers to 4 significant digits with a signed change column, one verdict line per model on its recall@1) and one
-PNG with the curves of both revisions. Both files are written atomically, after every input was read: bad input
-(not a git repository, an unknown BASE, no metrics at BASE or in the working tree) raises :class:`NetVLADError`
-and writes nothing.
+:func:`write_report` asks DVC (its Python API, in this process) for the params and metrics files the pipeline
+declares in dvc.yaml at BASE and in the working tree, and for their differences (what ``dvc params diff BASE`` and
+``dvc metrics diff BASE --all`` show), so the tables hold what DVC shows. It reads each model's metrics file
+(``--metrics``) itself, strictly, for the recall@1 gate, and the recall@N curve CSVs; those of BASE with
+``git show BASE:path`` (they are committed, ``cache: false``), so no DVC remote is needed. It writes a Markdown
+report (the two tables, numbers to 4 significant digits with a signed change column, one verdict line per model
+on its recall@1) and one PNG with the curves of both revisions. Both files are written atomically, after every
+input was read.
+
+What is a gate failure and what is bad input:
+
+- the gate (``max_drop`` set) fails, the report being written all the same, when a model's recall@1 dropped by
+  more than ``max_drop`` points, or the working tree has no usable recall@1 for a model: its recall@1 is there but
+  null, a boolean, text or another non-number, NaN or infinite; or it was a number at BASE and is now gone (the
+  metrics file deleted, or without the key). A recall@1 at BASE that is not a number is named in the verdict and
+  not compared against (the change cannot repair BASE; its working-tree value is judged all the same).
+- bad input raises :class:`NetVLADError` and writes nothing: not a git repository, an unknown BASE, no metrics at
+  BASE or in the working tree, a metrics file (of ``--metrics``, or declared in dvc.yaml) or params file that
+  cannot be read at BASE or in the working tree (not valid JSON: merge-conflict markers, a truncated write), a
+  recall@N curve with a value that is not a finite number, an output that is a file the report reads.
 """
 
 from __future__ import annotations
@@ -19,14 +32,13 @@ import math
 import os
 import re
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import option
 from .errors import NetVLADError
-from .io import atomic_path
+from .io import atomic_path, distinct_paths, note_read
 
 #: Where the default BASE comes from: the merge base of HEAD with the first of these that exists.
 BASE_BRANCHES = ("main", "origin/main", "master", "origin/master")
@@ -38,14 +50,20 @@ class ReportConfig:
 
     base: str | None = option(None, "Git revision to compare the working tree against; unset: the merge base of "
                               "HEAD with main (else origin/main, master, origin/master; HEAD when none exists).")
-    max_drop: float | None = option(None, "Exit with status 1 when a model's recall@1 is lower than at BASE by more "
-                                    "than this many percentage points (the report is written all the same); "
-                                    "unset: never.")
-    metrics: str = option("metrics/test_*.json", "The models' metrics files, a glob relative to the repository "
-                          "whose * is the model name: each gets a verdict line on its recall@1.")
+    max_drop: float | None = option(None, "The gate: exit with status 1 when a model's recall@1 is lower than at "
+                                    "BASE by more than this many percentage points, or when the working tree has "
+                                    "no usable recall@1 for a model (null, not a number, a boolean, NaN or "
+                                    "infinite; or gone where BASE had one); the report is written all the same. "
+                                    "Left out: no gate.")
+    metrics: str = option("metrics/test_*.json", "The models' metrics files (JSON), a glob relative to the "
+                          "repository whose * is the model name: each gets a verdict line on its recall@1; one "
+                          "that dvc.yaml does not declare as metrics is named as such.")
     curves: str = option("metrics/recall_*.csv", "The models' recall@N curves (CSV with columns n and recall), a "
                          "glob relative to the repository whose * is the model name: plotted at BASE and in the "
                          "working tree.")
+    bench_table: str = option("metrics/bench_table.md", "The benchmark suite's combined table (Markdown, written by "
+                              "dvc.yaml's bench-table stage), relative to the repository: included as it is in the "
+                              "working tree when it lists a benchmark.")
 
     def validate(self) -> None:
         if self.max_drop is not None and not (math.isfinite(self.max_drop) and self.max_drop >= 0):
@@ -54,6 +72,24 @@ class ReportConfig:
             if pattern.count("*") != 1 or os.path.isabs(pattern):
                 raise NetVLADError(f"{name} must be a path relative to the repository with one * (the model name), "
                                    f"got {pattern!r}")
+        if not self.metrics.endswith(".json"):
+            raise NetVLADError(f"--metrics must name JSON files (the metrics `evaluate` writes), got {self.metrics!r}")
+
+
+def parse_max_drop(text: str | None) -> float | None:
+    """The gate's ``--max-drop`` as given on the command line (``None``: not given, no gate). A given value must be a
+    number: ``none``, ``null`` or an empty value (``make report MAX_DROP=``) would turn the gate off without a word,
+    so they are refused like any other text."""
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise NetVLADError(f"--max-drop must be a number of percentage points >= 0, got {text!r} (leave --max-drop, "
+                           f"or MAX_DROP of `make report`, out for a report without a gate)") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise NetVLADError(f"--max-drop must be a number of percentage points >= 0, got {text!r}")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------- formatting
@@ -96,9 +132,38 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def verdict(model: str, old: float | None, new: float | None) -> str:
+def describe_value(value: Any) -> str | None:
+    """``None`` when ``value`` is a finite number (a boolean is not one); else what it is, for a verdict line:
+    ``null``, ``NaN``, ``infinite``, ``true (a boolean)``, ``"high" (text)`` …"""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"{'true' if value else 'false'} (a boolean)"
+    if isinstance(value, (int, float)):
+        try:
+            number = float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            return f"{'-' if value < 0 else ''}infinite (an integer too large for a float)"
+        if math.isnan(number):
+            return "NaN"
+        return None if math.isfinite(number) else f"{'-' if number < 0 else ''}infinite"
+    kind = {str: "text", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+    shown = json.dumps(value, allow_nan=True)
+    return f"{shown if len(shown) <= 40 else shown[:37] + '...'} ({kind})"
+
+
+def verdict(model: str, old: float | None, new: float | None, *, before: str | None = None,
+            now: str | None = None) -> str:
     """One line on a model's recall@1 (fractions in, percentage points out): ``trained: recall@1 +2.3 points
-    (71.0 % → 73.3 %)``."""
+    (71.0 % → 73.3 %)``. ``now``: why the working tree has no usable recall@1 (a gate failure); ``before``: what
+    BASE's recall@1 is when it is there but not a number."""
+    if now is not None:
+        at_base = (f"; it was {100 * old:.1f} % at BASE" if old is not None else
+                   f"; at BASE recall@1 is {before}" if before is not None else "")
+        return f"`{model}`: no usable recall@1 in the working tree: {now}{at_base}"
+    if before is not None:
+        work = f"{100 * new:.1f} % in the working tree" if new is not None else "none in the working tree"
+        return f"`{model}`: recall@1 at BASE is {before}, not a number: nothing to compare against; {work}"
     if old is None and new is None:
         return f"`{model}`: no recall@1 at BASE nor in the working tree"
     if old is None:
@@ -113,10 +178,14 @@ def verdict(model: str, old: float | None, new: float | None) -> str:
 # ---------------------------------------------------------------------------------------------------- git and DVC
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _tool(repo: Path, args: list[str], what: str) -> str:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
     try:
-        proc = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
+        proc = subprocess.run(args, cwd=repo, capture_output=True, text=True, errors="replace")
     except FileNotFoundError:
         raise NetVLADError(f"{what}: {args[0]} not found") from None
     if proc.returncode != 0:
@@ -129,17 +198,9 @@ def _git(repo: Path, *args: str) -> str:
     return _tool(repo, ["git", *args], f"git {args[0]}")
 
 
-def _dvc_json(repo: Path, *args: str) -> dict:
-    out = _tool(repo, [sys.executable, "-m", "dvc", *args, "--json"], f"dvc {' '.join(args[:2])}")
-    try:
-        return json.loads(out) if out.strip() else {}
-    except json.JSONDecodeError:
-        raise NetVLADError(f"{repo}: dvc {' '.join(args[:2])} --json printed no JSON: {out.strip()[:200]!r}") from None
-
-
 def _commit(repo: Path, rev: str) -> str | None:
-    proc = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], cwd=repo,
-                          capture_output=True, text=True)
+    proc = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
+                          cwd=repo, capture_output=True, text=True)
     return proc.stdout.strip() if proc.returncode == 0 else None
 
 
@@ -166,7 +227,75 @@ def resolve_base(repo: Path, base: str | None) -> tuple[str, str]:
     return "HEAD (no main or master branch)", _commit(repo, "HEAD")
 
 
-# ---------------------------------------------------------------------------------------------------- curves
+#: The files DVC reads to know the pipeline and its default params (recorded as inputs: no output may replace them).
+DVC_FILES = ("dvc.yaml", "dvc.lock", "params.yaml")
+
+
+@dataclass
+class DvcTables:
+    """What DVC says about BASE and the working tree: the params and metrics files dvc.yaml declares in each
+    (``{"base"|"work": {path: missing}}``: ``missing`` is True when DVC lists the file but it is not there) and the
+    differences of their values (``dvc params diff`` and ``dvc metrics diff --all`` as ``{path: {key: {"old",
+    "new", "diff"}}}``)."""
+
+    params: dict[str, dict[str, bool]]
+    metrics: dict[str, dict[str, bool]]
+    params_diff: dict
+    metrics_diff: dict
+
+
+def _declared(shown: dict, rev: str, where: str, kind: str) -> dict[str, bool]:
+    """{path: missing} of the ``kind`` files DVC listed for ``rev`` in ``shown`` (a ``Repo.metrics.show`` or
+    ``Repo.params.show`` result); a file DVC could not read raises one :class:`NetVLADError`."""
+    result = shown.get(rev, {})
+    if result.get("error") is not None:
+        raise NetVLADError(f"DVC cannot read the pipeline {where}: {_first_line(result['error'])}")
+    files = {}
+    for path, entry in result.get("data", {}).items():
+        path = Path(path).as_posix()
+        error = entry.get("error")
+        if isinstance(error, NetVLADError):  # our FileLedger refused the read: an output names this input
+            raise error
+        if error is not None and not isinstance(error, FileNotFoundError):
+            message = re.sub(r"^unable to read: '[^']*',\s*", "", _first_line(error))  # DVC names a relative path
+            raise NetVLADError(f"{path} {where}: the {kind} file that dvc.yaml declares cannot be read ({message}); "
+                               f"resolve it (a merge conflict, a truncated write?) or rerun the stage that writes it")
+        files[path] = error is not None
+    return files
+
+
+def dvc_tables(repo: Path, sha: str) -> DvcTables:
+    """Ask DVC (its Python API) for the params and metrics files of commit ``sha`` and of the working tree of
+    ``repo`` and for their differences. Unreadable files raise :class:`NetVLADError` (``dvc metrics diff`` would
+    show their values as absent without a word); every file is recorded as read (:func:`note_read`, by its
+    working-tree path: those of BASE come from git, not from the file)."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    where = {"workspace": "in the working tree", sha: f"at BASE {sha[:7]}"}
+    try:
+        with Repo(str(repo)) as dvc:
+            shown_metrics = dvc.metrics.show(revs=[sha], hide_workspace=False)
+            shown_params = dvc.params.show(revs=[sha], hide_workspace=False)
+            metrics = {side: _declared(shown_metrics, rev, where[rev], "metrics")
+                       for side, rev in (("base", sha), ("work", "workspace"))}
+            params = {side: _declared(shown_params, rev, where[rev], "params")
+                      for side, rev in (("base", sha), ("work", "workspace"))}
+            for kind, files in (("metrics", metrics), ("params", params)):
+                for path in sorted(set(files["base"]) | set(files["work"])):
+                    note_read(repo / path, f"a {kind} file DVC compares")
+            metrics_diff = dvc.metrics.diff(a_rev=sha, all=True).get("diff", {})
+            params_diff = dvc.params.diff(a_rev=sha).get("diff", {})
+    except DvcException as e:
+        raise NetVLADError(f"{repo}: DVC cannot compare it with {sha[:7]}: {_first_line(e)}") from None
+
+    def posix(diff: dict) -> dict:
+        return {Path(path).as_posix(): entries for path, entries in diff.items()}
+
+    return DvcTables(params=params, metrics=metrics, params_diff=posix(params_diff), metrics_diff=posix(metrics_diff))
+
+
+# ---------------------------------------------------------------------------------------------------- input files
 
 
 def _model_of(pattern: str, path: str) -> str | None:
@@ -188,14 +317,62 @@ def _files_at(repo: Path, sha: str | None, pattern: str) -> dict[str, str]:
     return found
 
 
+def _read_text(repo: Path, sha: str | None, path: str, what: str) -> tuple[str, str]:
+    """(the text of ``path`` in commit ``sha`` or, when ``None``, the working tree; how to name it in a message).
+    The file is recorded as read either way (``git show`` does not go through Python's ``open``)."""
+    if sha is not None:
+        note_read(repo / path, f"{what} at BASE")
+        return _git(repo, "show", f"{sha}:./{path}"), f"{path} at BASE {sha[:7]}"  # ./: relative to repo
+    where = str(repo / path)
+    try:
+        return (repo / path).read_text(), where
+    except (OSError, UnicodeDecodeError) as e:
+        raise NetVLADError(f"{where}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+
+
+_CONFLICT_MARKER = re.compile(r"^(<{7}|={7}|>{7})(\s|$)", re.M)
+
+
+def parse_metrics(text: str, where: str) -> dict:
+    """A metrics file's JSON object. Python's JSON reading (``NaN``, ``Infinity`` accepted: ``json.dump`` writes
+    them) as DVC reads it; what is not a JSON object raises one :class:`NetVLADError` naming ``where``."""
+    if _CONFLICT_MARKER.search(text):
+        raise NetVLADError(f"{where}: holds merge-conflict markers; resolve the conflict (or rerun the stage that "
+                           f"writes it)")
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise NetVLADError(f"{where}: not valid JSON ({e.msg} at line {e.lineno}); a truncated write? Rerun the "
+                           f"stage that writes it") from None
+    if not isinstance(doc, dict):
+        raise NetVLADError(f"{where}: not a metrics file (a JSON object of metric names and values)")
+    return doc
+
+
 def _parse_curve(text: str, where: str) -> tuple[list[float], list[float]]:
+    not_a_curve = NetVLADError(f"{where}: not a recall@N curve (a CSV with numeric columns n and recall)")
     try:
         rows = list(csv.DictReader(io.StringIO(text)))
-        points = sorted((float(r["n"]), float(r["recall"])) for r in rows)
-    except (KeyError, TypeError, ValueError, csv.Error):
-        raise NetVLADError(f"{where}: not a recall@N curve (a CSV with numeric columns n and recall)") from None
+    except csv.Error:
+        raise not_a_curve from None
+    if rows and not {"n", "recall"} <= set(rows[0]):
+        raise not_a_curve
+    points = []
+    for line, row in enumerate(rows, start=2):
+        values = []
+        for column in ("n", "recall"):
+            cell = row.get(column)
+            try:
+                value = float(cell)
+            except (TypeError, ValueError):
+                value = math.nan
+            if not math.isfinite(value):
+                raise NetVLADError(f"{where}: line {line}: {column} {cell!r} is not a finite number")
+            values.append(value)
+        points.append(tuple(values))
     if not points:
         raise NetVLADError(f"{where}: the recall@N curve has no rows")
+    points.sort()
     return [n for n, _ in points], [r for _, r in points]
 
 
@@ -204,11 +381,7 @@ def read_curves(repo: Path, sha: str | None, pattern: str) -> dict[str, tuple[li
     ``sha`` is ``None``, in the working tree."""
     curves = {}
     for model, path in _files_at(repo, sha, pattern).items():
-        if sha is None:
-            text, where = (repo / path).read_text(), str(repo / path)
-        else:
-            text, where = _git(repo, "show", f"{sha}:./{path}"), f"{sha[:7]}:{path}"  # ./: relative to repo
-        curves[model] = _parse_curve(text, where)
+        curves[model] = _parse_curve(*_read_text(repo, sha, path, f"the recall@N curve of {model}"))
     return curves
 
 
@@ -247,24 +420,40 @@ def plot_curves(base: dict, work: dict, base_name: str, path: Path) -> None:
 
 @dataclass
 class Report:
-    """What :func:`write_report` found: BASE, each model's recall@1 at BASE and now (``{model: (old, new)}``), and
-    the models whose recall@1 dropped by more than ``max_drop`` points."""
+    """What :func:`write_report` found: BASE; each model's recall@1 at BASE and now (``{model: (old, new)}``, a
+    fraction, ``None`` where there is no usable number); ``unusable``: why the working tree has no usable recall@1
+    for a model, where that fails the gate; ``base_unusable``: what BASE's recall@1 is where it is there but not a
+    number; ``failures``: the models that fail the gate (none when ``max_drop`` is ``None``); ``undeclared``: the
+    models' metrics files that dvc.yaml does not declare as metrics."""
 
     base_name: str
     base_sha: str
     recall1: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
+    unusable: dict[str, str] = field(default_factory=dict)
+    base_unusable: dict[str, str] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    undeclared: list[str] = field(default_factory=list)
     max_drop: float | None = None
 
     def verdicts(self) -> list[str]:
-        return [verdict(model, old, new) for model, (old, new) in self.recall1.items()]
+        return [verdict(model, old, new, before=self.base_unusable.get(model), now=self.unusable.get(model))
+                for model, (old, new) in self.recall1.items()]
 
     def failure_line(self) -> str | None:
-        """One line naming the models whose recall@1 dropped by more than ``max_drop`` points, or ``None``."""
-        if not self.failures:
-            return None
-        drops = ", ".join(f"{m} {100 * (self.recall1[m][1] - self.recall1[m][0]):+.1f}" for m in self.failures)
-        return f"recall@1 dropped by more than {_points(self.max_drop)} against {self.base_sha[:7]}: {drops}"
+        """One line naming the models that fail the gate (a drop of more than ``max_drop`` points, no usable
+        recall@1 in the working tree), or ``None``."""
+        drops = [m for m in self.failures if m not in self.unusable]
+        gone = [m for m in self.failures if m in self.unusable]
+        parts = []
+        if drops:
+            parts.append(f"recall@1 dropped by more than {_points(self.max_drop)} against {self.base_sha[:7]}: "
+                         + ", ".join(f"{m} {100 * (self.recall1[m][1] - self.recall1[m][0]):+.1f}" for m in drops))
+        if gone:
+            def why(m: str) -> str:
+                old = self.recall1[m][0]
+                return self.unusable[m] + (f"; {100 * old:.1f} % at {self.base_sha[:7]}" if old is not None else "")
+            parts.append("no usable recall@1 in the working tree: " + ", ".join(f"{m} ({why(m)})" for m in gone))
+        return "; ".join(parts) or None
 
 
 def _natural(text: str) -> list:
@@ -273,8 +462,8 @@ def _natural(text: str) -> list:
 
 
 def _diff_rows(diff: dict, *, compute_change: bool) -> tuple[list[list[str]], list[list[str]]]:
-    """Table rows (path, key, BASE, working tree, change) of a ``dvc … diff --json`` document, paths and keys in
-    natural order: (the rows that changed, the rows that did not)."""
+    """Table rows (path, key, BASE, working tree, change) of a ``dvc … diff`` result, paths and keys in natural
+    order: (the rows that changed, the rows that did not)."""
     changed, same = [], []
     for path in sorted(diff, key=_natural):
         entries = diff[path]
@@ -293,43 +482,85 @@ def _points(value: float) -> str:
     return f"{value:g} point{'' if value == 1 else 's'}"
 
 
+_ABSENT = object()
+
+
+def _recall1(repo: Path, sha: str | None, files: dict[str, str]) -> dict[str, Any]:
+    """{model: its recall@1 value as written (any JSON value; ``_ABSENT`` without the key)} of the metrics files
+    ``files`` ({model: path}) in commit ``sha`` or the working tree; a file that is not a JSON object raises."""
+    values = {}
+    for model, path in files.items():
+        doc = parse_metrics(*_read_text(repo, sha, path, f"the metrics of {model}"))
+        values[model] = doc.get("recall@1", _ABSENT)
+    return values
+
+
+def judge(report: Report, base: dict[str, Any], work: dict[str, Any], work_files: dict[str, str],
+          max_drop: float | None) -> None:
+    """Fill ``report`` with each model's recall@1 and verdict from the values of BASE and the working tree
+    (``{model: value as written}``, ``_ABSENT`` or no entry: none); ``work_files`` names the working tree's metrics
+    files ({model: path}) and, for the models that have none, the path they had at BASE."""
+    for model in sorted(set(base) | set(work)):
+        before, now = base.get(model, _ABSENT), work.get(model, _ABSENT)
+        old = new = None
+        if before is not _ABSENT:
+            problem = describe_value(before)
+            if problem is None:
+                old = float(before)
+            else:
+                report.base_unusable[model] = problem
+        if now is not _ABSENT:
+            problem = describe_value(now)
+            if problem is None:
+                new = float(now)
+            else:
+                report.unusable[model] = f"recall@1 is {problem}"
+        elif old is not None:  # it existed at BASE and is gone
+            path = work_files[model]
+            report.unusable[model] = f"{path} {'has no recall@1' if model in work else 'is missing'}"
+        report.recall1[model] = (old, new)
+        if max_drop is None:
+            continue
+        # 1e-9: a drop of exactly max_drop points is not more than it, whatever the float rounding of old - new
+        if model in report.unusable or (old is not None and new is not None and 100 * (old - new) > max_drop + 1e-9):
+            report.failures.append(model)
+
+
 def write_report(repo: str | os.PathLike, report_md: str | os.PathLike, plot_png: str | os.PathLike, *,
                  cfg: ReportConfig) -> Report:
     """Compare the working tree of ``repo`` with ``cfg.base`` and write ``report_md`` and ``plot_png``.
 
     The Markdown report names BASE, gives one verdict line per model (recall@1 in points), the params DVC lists
     as changed, every metric of both revisions (``dvc metrics diff --all``) and links the PNG by its path relative
-    to the report. Returns the :class:`Report`; its ``failures`` name the models whose recall@1 dropped by more
-    than ``cfg.max_drop`` points (the caller decides what that means for its exit status)."""
+    to the report. Returns the :class:`Report`; its ``failures`` name the models that fail the gate when
+    ``cfg.max_drop`` is set (the caller decides what that means for its exit status). Bad input (see the module's
+    text) raises :class:`NetVLADError` before anything is written."""
     repo = Path(repo).resolve()
     report_md, plot_png = Path(report_md), Path(plot_png)
-    if report_md.resolve() == plot_png.resolve():
-        raise NetVLADError(f"{report_md}: given as the report and as the plot; each output must be a file of its own")
+    distinct_paths({}, {"--out": report_md, "--plot": plot_png})  # the FileLedger then refuses them as inputs
     base_name, sha = resolve_base(repo, cfg.base)
     short = sha[:7]
+    for name in DVC_FILES:
+        note_read(repo / name, "read by DVC")
     base_metrics = _files_at(repo, sha, cfg.metrics)
     if not base_metrics:
         raise NetVLADError(f"BASE {base_name} ({short}) has no committed {cfg.metrics}: nothing to compare against")
     work_metrics = _files_at(repo, None, cfg.metrics)
     if not work_metrics:
         raise NetVLADError(f"{repo}: the working tree has no {cfg.metrics}; run `dvc repro` first")
-
-    params = _dvc_json(repo, "params", "diff", sha)
-    metrics = _dvc_json(repo, "metrics", "diff", sha, "--all")
+    base_recall = _recall1(repo, sha, base_metrics)
+    work_recall = _recall1(repo, None, work_metrics)
+    tables = dvc_tables(repo, sha)
     base_curves = read_curves(repo, sha, cfg.curves)
     work_curves = read_curves(repo, None, cfg.curves)
     if not base_curves and not work_curves:
         raise NetVLADError(f"{repo}: no {cfg.curves} at BASE {short} nor in the working tree: no curve to plot")
 
     report = Report(base_name=base_name, base_sha=sha, max_drop=cfg.max_drop)
-    for model in sorted(set(base_metrics) | set(work_metrics)):
-        path = work_metrics.get(model) or base_metrics[model]
-        entry = metrics.get(path, {}).get("recall@1", {})
-        old, new = entry.get("old"), entry.get("new")
-        report.recall1[model] = (old, new)
-        # 1e-9: a drop of exactly max_drop points is not more than it, whatever the float rounding of old - new
-        if cfg.max_drop is not None and _is_number(old) and _is_number(new) and 100 * (old - new) > cfg.max_drop + 1e-9:
-            report.failures.append(model)
+    judge(report, base_recall, work_recall, {**base_metrics, **work_metrics}, cfg.max_drop)
+    report.undeclared = sorted({path for model, path in work_metrics.items() if path not in tables.metrics["work"]}
+                               | {path for model, path in base_metrics.items()
+                                  if model not in work_metrics and path not in tables.metrics["base"]})
 
     head = _commit(repo, "HEAD")
     lines = ["# What this change does to the metrics", "",
@@ -337,25 +568,36 @@ def write_report(repo: str | os.PathLike, report_md: str | os.PathLike, plot_png
              "Numbers to 4 significant digits (integers exactly); recall as a fraction; change = working tree − BASE.",
              "", "## Verdict", ""]
     lines += [f"- {line}" for line in report.verdicts()]
+    if report.undeclared:
+        lines += ["", "Not declared as metrics in dvc.yaml (judged above from the file itself; `dvc metrics diff`, "
+                  "hence the tables below, leave it out): " + ", ".join(f"`{p}`" for p in report.undeclared) + "."]
     if cfg.max_drop is not None:
         failure = report.failure_line()
         lines += ["", f"**Fails**: {failure}." if failure else
                   f"Passes: no recall@1 dropped by more than {_points(cfg.max_drop)}."]
     lines += ["", "## Params changed", ""]
-    param_rows = sum(_diff_rows(params, compute_change=True), [])
+    param_rows = sum(_diff_rows(tables.params_diff, compute_change=True), [])
     lines.append(markdown_table(["Path", "Param", f"BASE `{short}`", "working tree", "Change"], param_rows)
                  if param_rows else "No param changed.")
     lines += ["", "## Metrics that changed", ""]
-    changed, same = _diff_rows(metrics, compute_change=False)
+    changed, same = _diff_rows(tables.metrics_diff, compute_change=False)
     header = ["Path", "Metric", f"BASE `{short}`", "working tree", "Change"]
     lines.append(markdown_table(header, changed) if changed else "No metric changed.")
     if same:
         lines += ["", f"<details><summary>{len(same)} metrics unchanged</summary>", "", markdown_table(header, same),
                   "", "</details>"]
+    for side, where in (("base", f"at BASE `{short}`"), ("work", "in the working tree")):
+        missing = sorted(path for path, gone in tables.metrics[side].items() if gone)
+        if missing:
+            lines += ["", f"Declared as metrics in dvc.yaml but missing {where}: "
+                      + ", ".join(f"`{p}`" for p in missing) + "."]
     link = Path(os.path.relpath(plot_png.resolve(), report_md.resolve().parent)).as_posix()
     missing = [] if base_curves else [" (none at BASE)"]
     lines += ["", "## recall@N", "", f"![recall@N at BASE (dashed) and in the working tree (solid)]({link})"
               + "".join(missing), ""]
+    suite = repo / cfg.bench_table
+    if suite.is_file() and "| model |" in suite.read_text():  # the benchmark suite (netvlad_core.bench_table)
+        lines += [suite.read_text().rstrip(), ""]
 
     with atomic_path(plot_png) as png, atomic_path(report_md) as md:  # both or neither
         plot_curves(base_curves, work_curves, short, png)

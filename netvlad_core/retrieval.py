@@ -14,7 +14,9 @@ torch: a block of queries and a block of database rows are upcast to float32 int
 database is never converted whole), their squared distances ``‖q‖² + ‖d‖² − 2 q·d`` are one GEMM, and each
 block's top ``k`` is merged into the running top ``k``, so memory is bounded by the block sizes, not by database ×
 queries. The same distance blocks serve triplet mining (:func:`squared_distance_blocks`). Equal distances are
-ranked by the lower database index.
+ranked by the lower database index. What the search computes is checked, not only what is stored: a row whose
+float32 value or squared norm is not finite (float64 features near 1e300, float32 near 1e20), or a distance that
+overflows, raises :class:`NonFiniteDistances` naming the first such row, instead of a ranking by database order.
 """
 
 from __future__ import annotations
@@ -33,6 +35,37 @@ from .errors import NetVLADError
 WEIGHTINGS = ("uniform", "inverse_distance", "softmax")
 
 
+class NonFiniteDistances(NetVLADError):
+    """A descriptor whose distances cannot be computed in float32: a value that is not finite once upcast, a squared
+    norm that overflows, or a distance that does. ``role`` is ``"database"`` or ``"query"``, ``row`` the first such
+    row (0-based); callers add where the descriptors came from (:meth:`in_file`)."""
+
+    def __init__(self, role: str, row: int, detail: str):
+        self.role, self.row, self.detail = role, int(row), detail
+        super().__init__(f"{role} row {row}: {detail}; its distances are not finite numbers, so it cannot be ranked")
+
+    def located(self, where: str) -> NetVLADError:
+        """The same error as one line that starts with ``where`` (a file, or the images the rows came from)."""
+        return NetVLADError(f"{where}: {self}")
+
+
+def _check_rows(sq_norms: torch.Tensor, start: int, role: str) -> None:
+    """Raise :class:`NonFiniteDistances` for the first row whose float32 squared norm is not finite."""
+    bad = ~torch.isfinite(sq_norms)
+    if bool(bad.any()):
+        row = int(torch.nonzero(bad)[0, 0])
+        raise NonFiniteDistances(role, start + row, f"squared norm {float(sq_norms[row]):g} in float32 (a value "
+                                 f"that is not finite, or too large to square: |x| ≥ about 1.8e19)")
+
+
+def _check_distances(dist: torch.Tensor, q_start: int, db_start: int) -> None:
+    bad = ~torch.isfinite(dist)
+    if bool(bad.any()):
+        i, j = (int(v) for v in torch.nonzero(bad)[0])
+        raise NonFiniteDistances("database", db_start + j, f"its squared distance to query row {q_start + i} "
+                                 f"overflows float32")
+
+
 def _first_line(e: BaseException) -> str:
     """The useful part of a faiss error: its last non-empty line, without the C++ location prefix."""
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
@@ -41,7 +74,8 @@ def _first_line(e: BaseException) -> str:
 
 
 def _as_f32(rows) -> np.ndarray:
-    return np.ascontiguousarray(np.asarray(rows, dtype=np.float32))
+    with np.errstate(over="ignore"):  # a float64 value beyond float32 becomes inf, which the search then refuses
+        return np.ascontiguousarray(np.asarray(rows, dtype=np.float32))
 
 
 def _configure_training(index, seed: int) -> None:
@@ -118,7 +152,9 @@ def build_index(
                     f"index parameters {index_params!r} do not apply to {index_factory!r}: {_first_line(e)}"
                 ) from None
     for start in range(0, num_db, batch_size):
-        index.add(_as_f32(db[start:start + batch_size]))
+        rows = _as_f32(db[start:start + batch_size])
+        _check_rows(_row_sq_norms(torch.from_numpy(rows), torch.empty(len(rows))), start, "database")
+        index.add(rows)
     return index
 
 
@@ -179,18 +215,21 @@ class _DistanceBlocks:
         self.stage = _staging(db, rows)
         self.have_d_sq = False
 
-    def __call__(self, q: torch.Tensor, q_sq: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    def __call__(self, q: torch.Tensor, q_sq: torch.Tensor, q_start: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield ``(start, (len(q), rows) float32 distances ≥ 0)`` per database block; each view is overwritten by
-        the next block. The arithmetic of ``(q_sq + ‖d‖²) − 2 (q @ dᵀ)`` clamped at 0."""
+        the next block. The arithmetic of ``(q_sq + ‖d‖²) − 2 (q @ dᵀ)`` clamped at 0. A database row whose squared
+        norm, or a distance, is not finite raises :class:`NonFiniteDistances` (``q_start``: the queries' first row,
+        for the message); ``q_sq`` is the caller's to check."""
         m = q.shape[0]
         for start in range(0, self.num_db, self.block_rows):
             stop = min(start + self.block_rows, self.num_db)
             d = _rows_into(self.db, start, stop, self.rows, self.stage)
             if not self.have_d_sq:
-                _row_sq_norms(d, self.d_sq[start:stop])
+                _check_rows(_row_sq_norms(d, self.d_sq[start:stop]), start, "database")
             prod = torch.matmul(q, d.T, out=self.prod[:m, :stop - start])
             dist = torch.add(q_sq, self.d_sq[None, start:stop], out=self.dist[:m, :stop - start])
             dist.sub_(prod, alpha=2.0)  # 2·prod is exact: round(a − 2·prod), as the unbuffered expression
+            _check_distances(dist, q_start, start)  # NaN would pass the clamp and rank as database order
             yield start, dist.clamp_min_(0.0)
         self.have_d_sq = True
 
@@ -203,8 +242,9 @@ def squared_distance_blocks(queries, db, *, device: torch.device | str = "cpu",
     device = torch.device(device)
     q = torch.empty((int(queries.shape[0]), int(queries.shape[1])), dtype=torch.float32, device=device)
     _rows_into(queries, 0, int(queries.shape[0]), q)
-    q_sq = _row_sq_norms(q, torch.empty(q.shape[0], dtype=torch.float32, device=device))[:, None]
-    yield from _DistanceBlocks(db, q.shape[0], device=device, block_rows=block_rows)(q, q_sq)
+    q_sq = _row_sq_norms(q, torch.empty(q.shape[0], dtype=torch.float32, device=device))
+    _check_rows(q_sq, 0, "query")
+    yield from _DistanceBlocks(db, q.shape[0], device=device, block_rows=block_rows)(q, q_sq[:, None])
 
 
 _LOW32 = 0xFFFFFFFF
@@ -238,7 +278,8 @@ def exact_search(
     float32) and upcast into reused float32 buffers; each block's top ``k'`` is merged exactly into the running top
     ``k'``. Working memory is about ``4·D·(query_rows + block_rows) + 20·query_rows·block_rows`` bytes, whatever
     the sizes of ``db`` and ``queries``. Distances are ``‖q‖² + ‖d‖² − 2 q·d`` in float32, clamped at 0 (what
-    faiss' ``IndexFlatL2`` computes, up to float rounding).
+    faiss' ``IndexFlatL2`` computes, up to float rounding). A row or distance that is not finite in float32 raises
+    :class:`NonFiniteDistances` (the first such row).
     """
     _check_search_inputs(db, queries, k, block_rows=block_rows, query_rows=query_rows)
     device = torch.device(device)
@@ -258,9 +299,10 @@ def exact_search(
     columns = torch.arange(min(int(block_rows), num_db), dtype=torch.int64, device=device)
     for q_start in tqdm(range(0, num_queries, q_rows), desc="search", unit="batch", disable=not progress):
         q = _rows_into(queries, q_start, min(q_start + q_rows, num_queries), q_buf, q_stage)
-        q_sq = _row_sq_norms(q, q_sq_buf[:q.shape[0]])[:, None]
+        q_sq = _row_sq_norms(q, q_sq_buf[:q.shape[0]])
+        _check_rows(q_sq, q_start, "query")
         best = None
-        for start, dist in blocks(q, q_sq):
+        for start, dist in blocks(q, q_sq[:, None], q_start):
             keys = _keys(dist, start, columns)
             if best is not None:
                 keys = torch.cat([best, keys], 1)
@@ -305,7 +347,14 @@ def search(
     indices = np.empty((num_queries, k), dtype=np.int64)
     for start in tqdm(range(0, num_queries, batch_size), desc="search", unit="batch", disable=not progress):
         stop = min(start + batch_size, num_queries)
-        distances[start:stop], indices[start:stop] = index.search(_as_f32(queries[start:stop]), k)
+        rows = _as_f32(queries[start:stop])
+        _check_rows(_row_sq_norms(torch.from_numpy(rows), torch.empty(len(rows))), start, "query")
+        distances[start:stop], indices[start:stop] = index.search(rows, k)
+        found = indices[start:stop] >= 0
+        if not np.isfinite(distances[start:stop][found]).all():
+            i, j = (int(v) for v in np.argwhere(found & ~np.isfinite(distances[start:stop]))[0])
+            raise NonFiniteDistances("database", int(indices[start + i, j]), f"its squared distance to query row "
+                                     f"{start + i} overflows float32")
     distances[indices < 0] = np.inf
     return distances, indices
 

@@ -7,14 +7,17 @@ changes. :func:`build_trunk_cache` computes it once for every image a run touche
 the val database and queries, rows in that order (:data:`PARTS`) — into one ``np.memmap`` ``.npy`` file
 ``trunk_cache.npy`` in the checkpoint folder (float16 by default, float32 on request); cache refreshes, training
 steps and validation then run only the trainable part on those rows (:func:`encode_cached`), and no image is decoded
-again.
+again. For a CNN a row is the activation map at the boundary (C × h × w); for a vision transformer
+(:mod:`netvlad_core.models.vit`) it is the frozen blocks' output tokens (prefix and patch tokens, after the position
+embedding: tokens × C), and the trainable part runs the remaining blocks, the final norm and the head on them.
 
 Next to it, ``trunk_cache.json`` holds the cache's identity and a progress counter: the sha256 of the trunk's
 weights and buffers, the freeze boundary, both splits' content
 (:func:`netvlad_core.datasets.manifest.split_fingerprint`: manifest rows, thresholds, image root, each image file's
 size and modification time), the input size and normalisation, the storage dtype, the activation shape, the device
 type and autocast dtype (a GPU computes the trunk under autocast). A file is used or resumed only when its identity
-is the same; otherwise it is deleted and rebuilt, so a stale cache is never read. Rows are committed in rounds
+is the same; otherwise it is deleted and rebuilt. Images are told apart by size and modification time, not content:
+one replaced by another of the same size with its time restored keeps the old activations. Rows are committed in rounds
 (memmap flushed, then the counter written atomically): an interrupted build resumes at the counter.
 
 Under torchrun the images are shared out as in :func:`netvlad_core.features.encode_rounds` (each rank its share of
@@ -54,8 +57,8 @@ FORMAT = 1
 
 @dataclass
 class TrunkCache:
-    """An open, complete trunk cache: ``array`` (rows × C × h × w, read-only memmap) and the first row of each
-    part of :data:`PARTS`."""
+    """An open, complete trunk cache: ``array`` (rows × C × h × w, or rows × tokens × C for a transformer;
+    read-only memmap) and the first row of each part of :data:`PARTS`."""
 
     path: Path
     array: np.ndarray
@@ -81,7 +84,7 @@ class TrunkPlan:
 
     trunk: torch.nn.Module
     part: torch.nn.Module
-    shape: tuple[int, int, int]
+    shape: tuple[int, ...]  # per image: (C, h, w), or (tokens, C) for a transformer
     dtype: str
     files: list[Path]
     offsets: dict[str, int]
@@ -96,13 +99,15 @@ class TrunkPlan:
         return self.folder / CACHE_NAME
 
     def describe(self) -> str:
-        c, h, w = self.shape
-        return (f"{len(self.files)} images × {c}×{h}×{w} {self.dtype} activations at the freeze boundary = "
-                f"{_size(self.nbytes)} in {self.path}")
+        per_image = f"{self.shape[0]} tokens × {self.shape[1]}" if len(self.shape) == 2 else "×".join(
+            map(str, self.shape))
+        return (f"{len(self.files)} images × {per_image} {self.dtype} activations at the freeze boundary "
+                f"({_size(self.nbytes // max(len(self.files), 1))} per image) = {_size(self.nbytes)} in {self.path}")
 
 
-def activation_shape(trunk: torch.nn.Module, height: int, width: int, device: torch.device) -> tuple[int, int, int]:
-    """(C, h, w) of the trunk's output for one image of ``height`` × ``width`` (one forward of a blank image)."""
+def activation_shape(trunk: torch.nn.Module, height: int, width: int, device: torch.device) -> tuple[int, ...]:
+    """(C, h, w) — (tokens, C) for a transformer — of the trunk's output for one image of ``height`` × ``width``
+    (one forward of a blank image)."""
     param = next(trunk.parameters(), None)
     dtype = param.dtype if param is not None else torch.float32
     with torch.inference_mode():
@@ -112,11 +117,12 @@ def activation_shape(trunk: torch.nn.Module, height: int, width: int, device: to
 
 def plan_trunk_cache(model: torch.nn.Module, model_cfg, train_split: Split, val_split: Split, *, mode: str,
                      dtype: str, folder: Path, device: torch.device, dist: DistContext | None = None,
-                     log: Callable[[str], None] = print) -> TrunkPlan | None:
+                     keep_free: int = 0, log: Callable[[str], None] = print) -> TrunkPlan | None:
     """The cache a run uses (``None``: none, train on images as before), decided on rank 0 and the same on every
     rank. ``mode``: ``off`` → ``None``; ``auto`` → a plan when the model has a frozen trunk, the file fits the free
     disk of ``folder`` (with a margin) and every process sees ``folder``, with a one-line notice either way;
-    ``on`` → a plan, or a one-line :class:`NetVLADError` saying why not."""
+    ``on`` → a plan, or a one-line :class:`NetVLADError` saying why not. ``keep_free``: bytes the run writes into
+    ``folder`` besides the cache (its checkpoint), which the cache must leave free in both modes."""
     if mode not in MODES:
         raise NetVLADError(f"trunk-cache must be one of {', '.join(MODES)}, got {mode!r}")
     if dtype not in DTYPES:
@@ -146,8 +152,9 @@ def plan_trunk_cache(model: torch.nn.Module, model_cfg, train_split: Split, val_
         existing = plan.path.stat().st_size if plan.path.is_file() else 0
         free = shutil.disk_usage(plan.folder).free + existing
         margin = max(plan.nbytes // 10, 256 * 2**20)
-        if free < plan.nbytes + (margin if mode == "auto" else 0):
-            problem = f"needs {_size(plan.nbytes)} in {plan.folder}, {_size(free)} free"
+        if free < plan.nbytes + keep_free + (margin if mode == "auto" else 0):
+            besides = f" + {_size(keep_free)} for the checkpoint" if keep_free else ""
+            problem = f"needs {_size(plan.nbytes)}{besides} in {plan.folder}, {_size(free)} free"
     if dist is not None and dist.enabled:
         problem = broadcast_object(problem, dist, what="sharing the trunk-cache decision")
         if problem is None:
@@ -199,7 +206,7 @@ def cache_identity(plan: TrunkPlan, model_cfg, train_split: Split, val_split: Sp
 class _Flat(torch.nn.Module):
     """The trunk with its output flattened to rows, as :func:`~netvlad_core.features.encode_rounds` gathers them."""
 
-    def __init__(self, trunk: torch.nn.Module, shape: tuple[int, int, int], stride: int):
+    def __init__(self, trunk: torch.nn.Module, shape: tuple[int, ...], stride: int):
         super().__init__()
         self.trunk = trunk
         self.out_dim = int(np.prod(shape))
@@ -218,7 +225,7 @@ def _read_sidecar(path: Path) -> dict | None:
 
 
 def _write_sidecar(path: Path, identity: str, done: int, total: int) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_path(path, replaces_input=True) as tmp:  # the build's own progress record
         tmp.write_text(json.dumps({"identity": identity, "done": int(done), "rows": int(total)}))
 
 

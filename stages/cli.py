@@ -7,8 +7,10 @@ import importlib
 import typer
 
 from stages import launch
+from stages._common import CommandGroup
 
 app = typer.Typer(
+    cls=CommandGroup,
     add_completion=False,
     pretty_exceptions_enable=False,
     no_args_is_help=True,
@@ -31,9 +33,13 @@ STAGES = [
     ("features", "features"),
     ("evaluate", "evaluate"),
     ("pca", "pca"),
+    ("bench-split", "bench_split"),
+    ("bench-table", "bench_table"),
     ("localize", "localize"),
     ("export", "export"),
     ("report", "report"),  # not in dvc.yaml: it compares the working tree with another revision
+    ("compare", "compare"),  # not in dvc.yaml: every experiment's changed params and recall, one screen
+    ("retrieve", "retrieve"),  # not in dvc.yaml: ranks a folder of photos against another (no labels)
 ]
 
 for _name, _module in STAGES:

@@ -17,7 +17,9 @@ from stages._options import Group, stage
 @stage(cfg=Group(ImportConfig), run_cfg=Group(RunConfig, only=("progress",)))
 def main(
     src: str = typer.Argument(None, help="The released model: a local file, a folder holding one checkpoint, or an "
-                              "http(s) URL (downloaded resumably, checked against --sha256 when given)."),
+                              "http(s) URL (downloaded resumably, checked against --sha256 when given; a cached "
+                              "copy is reused only when it matches --sha256 or the server says it is unchanged; "
+                              "printed and recorded without user:password or query string)."),
     src_option: str = typer.Option(None, "--src", help="SRC as an option (what dvc.yaml passes from params.yaml "
                                    "`models`)."),
     out: Path = typer.Option(..., help="Output model file."),

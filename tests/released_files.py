@@ -93,10 +93,12 @@ def vlad_head(rng, d: int, k: int, pca_dim: int | None, *, v2: bool = False) -> 
 
 
 def write_matconvnet(path: Path, layers: list[dict], *, average=VGG_AVERAGE, top_level: bool = False,
-                     image_size=(224, 224, 3)) -> Path:
+                     image_size=(224, 224, 3), average_image: np.ndarray | None = None) -> Path:
     """Save ``layers`` as a SimpleNN ``net`` (or, with ``top_level``, as ``save -struct`` does: ``layers`` and
-    ``meta`` as variables)."""
-    average_image = np.broadcast_to(np.asarray(average, dtype=np.float32), (2, 2, 3)).copy()
+    ``meta`` as variables). ``averageImage`` is ``average`` as a constant 2×2×3 image, or ``average_image`` (an
+    H×W×3 mean image, as the caffe-style ImageNet files hold)."""
+    if average_image is None:
+        average_image = np.broadcast_to(np.asarray(average, dtype=np.float32), (2, 2, 3)).copy()
     meta = {"normalization": {"averageImage": average_image, "imageSize": np.array(image_size, dtype=np.float64),
                               "interpolation": "bilinear"}}
     net = {"layers": cell(layers), "meta": meta}

@@ -18,6 +18,7 @@ from netvlad_core.models.backbones import (
     EFFICIENTNET_LITE0_TENSORS,
     FIXED_BACKBONES,
     REGISTRY,
+    TRANSFORMER_BACKBONES,
     default_trainable_blocks,
     efficientnet_lite0_classifier,
     efficientnet_lite0_package_file,
@@ -115,7 +116,8 @@ EXPECTED_BACKBONES = {
 
 
 def test_registry_describes_the_built_backbones():
-    assert tuple(REGISTRY) == FIXED_BACKBONES == tuple(EXPECTED_BACKBONES)
+    # the CNNs first, then the vision transformers (tests/test_transformers.py checks those)
+    assert tuple(REGISTRY) == FIXED_BACKBONES == tuple(EXPECTED_BACKBONES) + TRANSFORMER_BACKBONES
     for name, (channels, stride, units, default) in EXPECTED_BACKBONES.items():
         spec = REGISTRY[name]
         assert (spec.channels, spec.stride, spec.default_trainable_blocks) == (channels, stride, default), name
@@ -257,7 +259,9 @@ def test_model_config_round_trip_and_validation():
 
     bad = {
         "num_clusters": (1, "num_clusters.*got 1"),
-        "pooling": ("sum", "pooling 'sum'.*netvlad, max, avg, gem"),
+        "pooling": ("sum", "pooling 'sum'.*netvlad, netvlad-linear, max, avg, gem"),
+        "projection_dim": (0, "projection_dim.*got 0"),
+        "cls_dim": (-1, "cls_dim.*got -1"),
         "backbone": ("vgg19", "backbone 'vgg19'"),
         "input_height": (0, "input_height.*got 0"),
         "std": ((0.2, 0.0, 0.2), "std"),

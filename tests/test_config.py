@@ -108,7 +108,7 @@ def _same(value, default) -> bool:
 
 def _expanded_groups(cmd: str) -> list[str]:
     return [g for g in re.findall(r"\$\{([\w.-]+)\}", cmd) if not g.startswith("dist.") and not g == "item"
-            and not g == "key"]
+            and not g.startswith("item.") and not g == "key"]  # item.<name>: a matrix stage's own values
 
 
 def test_every_params_key_is_an_option_of_the_stage_that_reads_it_and_equals_its_default():

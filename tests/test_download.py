@@ -1,7 +1,9 @@
-"""Resumable downloads against a real loopback HTTP server, safe extraction, and the download stage end to end."""
+"""Resumable, revalidated downloads against a real loopback HTTP server (the ``server`` fixture of conftest.py), safe
+extraction, and the download stage end to end."""
 
 from __future__ import annotations
 
+import base64
 import csv
 import hashlib
 import io
@@ -12,9 +14,7 @@ import socket
 import subprocess
 import sys
 import tarfile
-import threading
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -24,76 +24,10 @@ from PIL import Image
 from netvlad_core.datasets.manifest import load_ground_truth, load_split
 from netvlad_core.datasets.official import prepare_dataset
 from netvlad_core.datasets.specs import DBStruct, write_dbstruct
-from netvlad_core.download import fetch, resolve_spec_source, safe_extract
+from netvlad_core.download import fetch, public_url, remote_info_path, resolve_spec_source, safe_extract
 from netvlad_core.errors import NetVLADError
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-# ----------------------------------------------------------------------------------------------- the server
-
-
-class RangeHandler(BaseHTTPRequestHandler):
-    """Serves ``server.files`` with ``Range: bytes=N-`` and ``If-Range`` support (strong ETag = sha256 of the
-    content; Last-Modified from ``server.modified``, a fixed date by default); per-path quirks from the server's
-    sets."""
-
-    def log_message(self, *args) -> None:  # keep test output clean
-        pass
-
-    def do_GET(self) -> None:
-        srv = self.server
-        data = srv.files.get(self.path)
-        rng = self.headers.get("Range")
-        srv.requests.append((self.path, rng))
-        srv.if_ranges.append(self.headers.get("If-Range"))
-        if data is None:
-            self.send_error(404, "Not Found")
-            return
-        etag = f'"{hashlib.sha256(data).hexdigest()[:16]}"'
-        modified = srv.modified.get(self.path, "Mon, 01 Jan 2024 00:00:00 GMT")
-        if_range = self.headers.get("If-Range")
-        if rng and if_range is not None and if_range not in (etag, modified) and self.path not in srv.ignore_if_range:
-            rng = None  # RFC 9110: a validator that does not match means "send the whole (new) file"
-        start = 0
-        if rng and self.path not in srv.ignore_range:
-            start = int(re.fullmatch(r"bytes=(\d+)-", rng).group(1))
-            if start >= len(data):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(data)}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            self.send_response(200)
-        body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
-        if self.path not in srv.no_validators:
-            self.send_header("ETag", etag)
-            self.send_header("Last-Modified", modified)
-        self.end_headers()
-        if self.path in srv.truncate_once:  # promise everything, send half, hang up
-            srv.truncate_once.discard(self.path)
-            self.wfile.write(body[: len(body) // 2])
-            self.wfile.flush()
-            self.close_connection = True
-            return
-        self.wfile.write(body)
-
-
-@pytest.fixture
-def server():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
-    srv.files, srv.requests, srv.truncate_once, srv.ignore_range = {}, [], set(), set()
-    srv.if_ranges, srv.modified, srv.ignore_if_range, srv.no_validators = [], {}, set(), set()
-    srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
 
 
 PAYLOAD = bytes(np.random.default_rng(0).integers(0, 256, size=300_000, dtype=np.uint8))
@@ -172,8 +106,9 @@ def test_interrupted_download_records_url_and_remote_file(server, tmp_path):
     with pytest.raises(NetVLADError, match="download interrupted"):
         fetch(server.url + "/a.bin", dest, progress=False, retries=0)
     assert json.loads(record_of(dest).read_text()) == {
-        "url": server.url + "/a.bin", "etag": etag_of(PAYLOAD), "last_modified": "Tue, 02 Jan 2024 10:00:00 GMT",
-        "size": len(PAYLOAD)}
+        "url": server.url + "/a.bin", "url_sha256": hashlib.sha256((server.url + "/a.bin").encode()).hexdigest(),
+        "etag": etag_of(PAYLOAD), "last_modified": "Tue, 02 Jan 2024 10:00:00 GMT",
+        "content_type": "application/octet-stream", "size": len(PAYLOAD)}
 
 
 def test_part_of_another_url_is_not_resumed(server, tmp_path):
@@ -290,6 +225,97 @@ def test_http_and_network_errors_are_one_line(server, tmp_path):
     assert "download failed" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(NetVLADError, match="not an http"):
         fetch("ftp://example.org/x", tmp_path / "x", progress=False)
+
+
+# ----------------------------------------------------------------------------------------------- the cache
+
+
+def test_cached_copy_is_revalidated_and_replaced_when_the_remote_file_changed(server, tmp_path):
+    server.files["/a.bin"] = PAYLOAD
+    dest = tmp_path / "a.bin"
+    url = server.url + "/a.bin"
+    assert fetch(url, dest, progress=False) == PAYLOAD_SHA
+    record = json.loads(remote_info_path(dest).read_text())
+    assert record["etag"] == etag_of(PAYLOAD) and record["size"] == len(PAYLOAD) and record["sha256"] == PAYLOAD_SHA
+    logged: list[str] = []
+    assert fetch(url, dest, progress=False, log=logged.append) == PAYLOAD_SHA  # unchanged: a 304, no body
+    assert server.conditionals[-1] == (etag_of(PAYLOAD), "Mon, 01 Jan 2024 00:00:00 GMT")
+    assert len(server.requests) == 2 and "unchanged on the server" in logged[-1]
+    changed = bytes(np.random.default_rng(4).integers(0, 256, size=len(PAYLOAD), dtype=np.uint8))
+    server.files["/a.bin"] = changed
+    server.modified["/a.bin"] = "Wed, 03 Jan 2024 00:00:00 GMT"
+    assert fetch(url, dest, progress=False, log=logged.append) == hashlib.sha256(changed).hexdigest()
+    assert dest.read_bytes() == changed and len(server.requests) == 3, "the 200 to the conditional GET is the file"
+    assert json.loads(remote_info_path(dest).read_text())["etag"] == etag_of(changed)
+    assert "changed since the cached copy" in logged[-1]
+
+
+def test_only_last_modified_or_no_validator_at_all(server, tmp_path):
+    """A weak-ETag-free server that sends only Last-Modified is asked with If-Modified-Since; one that sends no
+    validator cannot be asked, so the file is downloaded again every time; a cached file modified locally too."""
+    server.files["/a.bin"] = PAYLOAD
+    dest = tmp_path / "a.bin"
+    url = server.url + "/a.bin"
+    fetch(url, dest, progress=False)
+    record = json.loads(remote_info_path(dest).read_text())
+    remote_info_path(dest).write_text(json.dumps({**record, "etag": None}))
+    fetch(url, dest, progress=False)
+    assert server.conditionals[-1] == (None, "Mon, 01 Jan 2024 00:00:00 GMT") and len(server.requests) == 2
+    dest.write_bytes(PAYLOAD[:-1] + b"x")  # the cached file changed on disk: its sha256 no longer matches the record
+    assert fetch(url, dest, progress=False) == PAYLOAD_SHA and server.conditionals[-1] == (None, None)
+    server.no_validators.add("/a.bin")
+    remote_info_path(dest).unlink()
+    fetch(url, dest, progress=False)
+    fetch(url, dest, progress=False)
+    assert server.conditionals[-2:] == [(None, None), (None, None)] and len(server.requests) == 5
+
+
+def test_cached_copy_and_an_unreachable_server(server, tmp_path):
+    """Without a sha256 a cached copy that cannot be revalidated is refused, with the digest to pin it; with the
+    sha256 the pinned copy is used without asking the server; a copy of another digest is downloaded again."""
+    server.files["/a.bin"] = PAYLOAD
+    dest = tmp_path / "a.bin"
+    url = server.url + "/a.bin"
+    fetch(url, dest, progress=False)
+    del server.files["/a.bin"]  # the server answers 404 now
+    with pytest.raises(NetVLADError) as err:
+        fetch(url, dest, progress=False)
+    assert str(err.value) == (f"{url}: cannot check whether the cached copy {dest} is still current (HTTP 404 Not "
+                              f"Found); to use it anyway, pin it with its sha256 {PAYLOAD_SHA}")
+    n = len(server.requests)
+    assert fetch(url, dest, sha256=PAYLOAD_SHA, progress=False) == PAYLOAD_SHA and len(server.requests) == n
+    other = bytes(reversed(PAYLOAD))
+    server.files["/a.bin"] = other
+    assert fetch(url, dest, sha256=hashlib.sha256(other).hexdigest(), progress=False) == hashlib.sha256(
+        other).hexdigest()
+    assert dest.read_bytes() == other and server.conditionals[-1] == (None, None)
+
+
+def test_credentials_and_query_are_sent_but_never_printed_or_recorded(server, tmp_path):
+    server.files["/a.bin?X-Amz-Signature=s3cr3t&X-Amz-Credential=AKIA"] = PAYLOAD
+    url = f"http://alice:pa%40ss@127.0.0.1:{server.server_address[1]}/a.bin?X-Amz-Signature=s3cr3t&X-Amz-Credential=AKIA"
+    assert public_url(url) == server.url + "/a.bin"
+    dest = tmp_path / "a.bin"
+    assert fetch(url, dest, progress=False) == PAYLOAD_SHA
+    assert server.requests[-1][0] == "/a.bin?X-Amz-Signature=s3cr3t&X-Amz-Credential=AKIA"
+    assert server.auth[-1] == "Basic " + base64.b64encode(b"alice:pa@ss").decode()
+    for text in [remote_info_path(dest).read_text()]:
+        assert "s3cr3t" not in text and "alice" not in text and "AKIA" not in text
+    fetch(url, dest, progress=False)
+    assert server.conditionals[-1][0] == etag_of(PAYLOAD), "the record still revalidates the copy"
+    with pytest.raises(NetVLADError) as err:
+        fetch(url.replace("/a.bin", "/b.bin"), tmp_path / "b.bin", progress=False)
+    assert "s3cr3t" not in str(err.value) and "alice" not in str(err.value) and "/b.bin: download failed" in str(
+        err.value)
+
+
+def test_a_download_folder_that_is_a_file_is_one_line(server, tmp_path):
+    server.files["/a.bin"] = PAYLOAD
+    (tmp_path / "dl").write_text("x")
+    with pytest.raises(NetVLADError, match=r"/dl: not a folder \(needed for the download folder .*/dl/sub\)"):
+        fetch(server.url + "/a.bin", tmp_path / "dl" / "sub" / "a.bin", progress=False)
+    with pytest.raises(NetVLADError, match=r"/dl: not a folder; downloads need a folder there"):
+        fetch(server.url + "/a.bin", tmp_path / "dl" / "a.bin", progress=False)
 
 
 # ----------------------------------------------------------------------------------------------- archives
@@ -469,10 +495,33 @@ def test_prepare_dataset_end_to_end_over_http(server, tmp_path):
 
 def test_a_page_that_is_not_an_archive_is_not_kept_in_the_cache(server, tmp_path):
     server.files["/netvlad_v100_datasets.tar.gz"] = b"<html>Please log in</html>"
-    with pytest.raises(NetVLADError, match=r"not a tar or zip archive.*\(the cached download was removed\)"):
-        prepare_dataset("pitts30k", tmp_path / "out", spec=server.url + "/netvlad_v100_datasets.tar.gz",
-                        image_root=tmp_path, cache_dir=tmp_path / "cache", progress=False)
+    url = server.url + "/netvlad_v100_datasets.tar.gz"
+    with pytest.raises(NetVLADError, match=r"not a tar or zip archive.*\(downloaded from http://127\.0\.0\.1:\d+/"
+                       r"netvlad_v100_datasets\.tar\.gz; the cached copy was discarded\)"):
+        prepare_dataset("pitts30k", tmp_path / "out", spec=url, image_root=tmp_path, cache_dir=tmp_path / "cache",
+                        progress=False)
     assert not list((tmp_path / "cache").rglob("*.tar.gz*")) and not (tmp_path / "out").exists()
+
+
+def test_a_spec_archive_that_changed_on_the_server_is_downloaded_again(server, tmp_path):
+    """resolve_spec_source and import share fetch's revalidation: the second run asks with If-None-Match, gets the
+    new archive and unpacks it (not the first one's files)."""
+    archive, _, _ = fake_pitts30k(tmp_path)
+    first = archive.read_bytes()
+    server.files["/specs.tar.gz"] = first
+    url = server.url + "/specs.tar.gz"
+    folder = resolve_spec_source(url, tmp_path / "work", progress=False)
+    assert sorted(p.name for p in folder.rglob("*.mat")) == ["pitts30k_test.mat", "pitts30k_train.mat",
+                                                             "pitts30k_val.mat"]
+    second = tmp_path / "second.tar"
+    with tarfile.open(second, "w") as tar:
+        tar.add(tmp_path / "mats" / "datasets" / "pitts30k_test.mat", arcname="datasets/tokyo247.mat")
+    server.files["/specs.tar.gz"] = second.read_bytes()
+    logged: list[str] = []
+    folder = resolve_spec_source(url, tmp_path / "work", progress=False, log=logged.append)
+    assert sorted(p.name for p in folder.rglob("*.mat")) == ["tokyo247.mat"]
+    assert server.conditionals[-1] == (etag_of(first), "Mon, 01 Jan 2024 00:00:00 GMT")
+    assert any("changed" in line for line in logged), logged
 
 
 def test_missing_image_leaves_out_uncreated(tmp_path):

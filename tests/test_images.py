@@ -245,7 +245,7 @@ def test_worker_errors_are_the_same_one_line_error(tmp_path):
 
 def test_triplet_loader_worker_errors_are_one_line(tmp_path):
     from netvlad_core.mining import Triplets
-    from netvlad_core.training import TripletBatches
+    from netvlad_core.training.triplet import TripletBatches
 
     split_dir, bad = _corrupt_split(tmp_path)
     split = load_split(split_dir)

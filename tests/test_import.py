@@ -5,9 +5,7 @@ line with nothing written."""
 from __future__ import annotations
 
 import functools
-import http.server
 import json
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -255,33 +253,20 @@ def test_openibl_state_dict_with_module_prefix_and_0_255_input(tmp_path):
     assert np.abs(final - ref.numpy()).max() <= TOL
 
 
-def test_source_from_a_loopback_url_is_downloaded_and_checked(tmp_path):
+def test_source_from_a_loopback_url_is_downloaded_and_checked(server, tmp_path):
     from netvlad_core.download import sha256_file
 
     rng = np.random.default_rng(6)
-    served = tmp_path / "served"
-    served.mkdir()
-    src = rf.write_matconvnet(served / "Pitts30K_struct.mat", rf.vgg_like_trunk(rng) + rf.vlad_head(rng, 8, 3, 4))
-    handler = functools.partial(_QuietHandler, directory=str(served))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/Pitts30K_struct.mat"
-        bad = run_cli(url, "--out", str(tmp_path / "bad.pt"), "--sha256", "0" * 64,
-                      "--download-dir", str(tmp_path / "dl"))
-        assert bad.exit_code == 2 and "sha256 mismatch" in bad.output and not (tmp_path / "bad.pt").exists()
-        good = run_cli(url, "--out", str(tmp_path / "m.pt"), "--sha256", sha256_file(src),
-                       "--download-dir", str(tmp_path / "dl"))
-        assert good.exit_code == 0, good.output
-        _, cfg = load_model(tmp_path / "m.pt")
-        assert cfg.source == {"format": "matconvnet", "name": url, "sha256": sha256_file(src)}
-    finally:
-        server.shutdown()
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
+    src = rf.write_matconvnet(tmp_path / "Pitts30K_struct.mat", rf.vgg_like_trunk(rng) + rf.vlad_head(rng, 8, 3, 4))
+    server.files["/Pitts30K_struct.mat"] = src.read_bytes()
+    url = server.url + "/Pitts30K_struct.mat"
+    bad = run_cli(url, "--out", str(tmp_path / "bad.pt"), "--sha256", "0" * 64, "--download-dir", str(tmp_path / "dl"))
+    assert bad.exit_code == 2 and "sha256 mismatch" in bad.output and not (tmp_path / "bad.pt").exists()
+    good = run_cli(url, "--out", str(tmp_path / "m.pt"), "--sha256", sha256_file(src),
+                   "--download-dir", str(tmp_path / "dl"))
+    assert good.exit_code == 0, good.output
+    _, cfg = load_model(tmp_path / "m.pt")
+    assert cfg.source == {"format": "matconvnet", "name": url, "sha256": sha256_file(src)}
 
 
 # ------------------------------------------------------------------------------------------------- bad input

@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -133,3 +134,18 @@ def test_features_of_another_split_are_refused(world):
     assert result.exit_code == 2
     assert "database rows" in result.stderr
     shutil.rmtree(world["tmp"] / "other")
+
+
+def test_a_database_whose_descriptors_overflow_is_refused_not_ranked_by_row_order(world, tmp_path):
+    """Finite as stored (float32 1e20), not once squared: one line naming the file and the row."""
+    bad = tmp_path / "overflowing.h5"
+    bad.write_bytes(world["features"].read_bytes())
+    with h5py.File(bad, "r+") as h5:
+        data = h5["db"][()].astype(np.float32)
+        data[5, 0] = 1e20
+        del h5["db"]
+        h5.create_dataset("db", data=data)
+    result = _invoke({**world, "features": bad}, [world["split"].query_files()[0]])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {bad}: database row 5: squared norm inf"), lines

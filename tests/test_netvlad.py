@@ -235,7 +235,10 @@ def test_build_pooling():
         assert out.shape == (2, out_dim)
         torch.testing.assert_close(out.norm(dim=1), torch.ones(2))
     assert build_pooling("netvlad", 16, 8, vladv2=True).conv.bias is not None
-    with pytest.raises(NetVLADError, match=r"'sum'.*netvlad, max, avg, gem"):
+    nvl = build_pooling("netvlad-linear", 16, num_clusters=8, projection_dim=5, cls_dim=3)
+    assert nvl.out_dim == 3 + 8 * 5 and nvl.uses_cls
+    torch.testing.assert_close(nvl(x, torch.randn(2, 16)).norm(dim=1), torch.ones(2))
+    with pytest.raises(NetVLADError, match=r"'sum'.*netvlad, netvlad-linear, max, avg, gem"):
         build_pooling("sum", 16)
     with pytest.raises(NetVLADError, match="num_clusters"):
         build_pooling("netvlad", 16, num_clusters=1)

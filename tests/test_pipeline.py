@@ -63,10 +63,13 @@ def _set_params(path: Path, overrides: dict) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def make_tiny_pipeline(repo: Path, files: tuple[str, ...] = ()) -> Path:
-    """A git repository in ``repo`` holding this checkout's pipeline (dvc.yaml, params.yaml with the TINY sizes, the
-    code, and ``files``), committed, then reproduced with `dvc repro` (outputs and dvc.lock not committed)."""
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", *files):
+def make_tiny_pipeline(repo: Path, files: tuple[str, ...] = (), *, targets: tuple[str, ...] = (),
+                       params: dict | None = None, repro: bool = True) -> Path:
+    """A git repository in ``repo`` holding this checkout's pipeline (dvc.yaml, params.yaml with the TINY sizes and
+    ``params``, the code, and ``files``), committed, then (``repro``) reproduced with `dvc repro` (of ``targets``
+    only, when given; outputs and dvc.lock not committed)."""
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "metrics/bench/README.md", *files):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, repo / name)
     for package in ("netvlad_core", "stages"):  # the code the stages run, tracked as their deps
         shutil.copytree(REPO / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
@@ -74,10 +77,12 @@ def make_tiny_pipeline(repo: Path, files: tuple[str, ...] = ()) -> Path:
     for name in ("config", ".gitignore"):
         shutil.copy(REPO / ".dvc" / name, repo / ".dvc" / name)
     _set_params(repo / "params.yaml", TINY)
+    _set_params(repo / "params.yaml", params or {})
     _run(["git", "init", "-q"], repo)
     _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], repo)
     _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "pipeline"], repo)
-    _run([str(Path(sys.executable).parent / "dvc"), "repro"], repo)
+    if repro:
+        _run([str(Path(sys.executable).parent / "dvc"), "repro", *targets], repo)
     return repo
 
 
@@ -201,3 +206,140 @@ def test_a_released_model_listed_in_params_is_imported_and_evaluated_beside_the_
     shown = json.dumps(json.loads(_run([dvc, "metrics", "show", "--json"], pipeline_repo).stdout))
     assert "test_released.json" in shown and "test_trained.json" in shown
     assert _changed_stages(pipeline_repo) == set()
+
+
+def test_a_released_model_whose_url_file_changes_is_imported_anew(server, tmp_path):
+    """params.yaml `models: {released: {src: <URL>}}`: when the file at the URL changes, DVC sees its new ETag and
+    reruns `import`, and the model file holds the new file (its sha256 in the model config is the served file's),
+    not the copy downloaded for the previous run."""
+    import hashlib
+
+    from netvlad_core.models import load_model
+    from tests import released_files as rf
+
+    dvc = str(Path(sys.executable).parent / "dvc")
+
+    def served(seed: int) -> bytes:
+        rng = np.random.default_rng(seed)
+        layers = rf.vgg_like_trunk(rng, widths=(8, 16, 16)) + rf.vlad_head(rng, 16, 4, 16)
+        return rf.write_matconvnet(tmp_path / f"v{seed}.mat", layers).read_bytes()
+
+    def recorded_sha256() -> str:
+        return load_model(repo / "artifacts/imported/released.pt")[1].source["sha256"]
+
+    first, second = served(1), served(2)
+    server.files["/Pitts30K_struct.mat"] = first
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    make_tiny_pipeline(repo, targets=("import@released",), params={"models": {"released": {
+        "src": server.url + "/Pitts30K_struct.mat", "input-height": 120, "input-width": 160,
+        "download-dir": str(tmp_path / "downloads")}}})
+    assert recorded_sha256() == hashlib.sha256(first).hexdigest()
+    assert "HEAD" in server.methods, "DVC checked the URL dependency"
+    server.files["/Pitts30K_struct.mat"] = second
+    server.modified["/Pitts30K_struct.mat"] = "Tue, 02 Jan 2024 00:00:00 GMT"
+    out = _run([dvc, "repro", "import@released"], repo).stdout
+    assert "Running stage 'import@released'" in out, out
+    assert recorded_sha256() == hashlib.sha256(second).hexdigest()
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    dep = next(d for d in lock["stages"]["import@released"]["deps"] if d["path"].startswith("http"))
+    assert dep["checksum"] == f'"{hashlib.sha256(second).hexdigest()[:16]}"'
+    out = _run([dvc, "repro", "import@released"], repo).stdout
+    assert "Running stage" not in out, out
+
+
+# ------------------------------------------------------------------------------------------- the benchmark suite
+
+
+def _ran(out: str) -> set[str]:
+    return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+
+
+def _vg_folder(root: Path, seed: int) -> Path:
+    """A small benchmark in the VG benchmark's folder format: real JPEGs named @east@north@…@.jpg, queries near the
+    database images along a line."""
+    from tests.conftest import make_jpegs
+
+    rng = np.random.default_rng(seed)
+    db = [(500000.0 + 6 * i, 4000000.0) for i in range(10)]
+    q = [(e + rng.normal(0, 3), n + rng.normal(0, 3)) for e, n in [db[i] for i in rng.choice(10, 5, replace=False)]]
+    for role, points in (("database", db), ("queries", q)):
+        make_jpegs(root / "images" / "test" / role, [f"@{e:.2f}@{n:.2f}@17@T@@@@@@@@@@@.jpg" for e, n in points],
+                   size=(160, 120), seed=seed + len(role))
+    return root
+
+
+MODELS = ("offtheshelf", "trained", "trained_pca", "released")
+
+
+def test_a_benchmark_suite_evaluates_every_model_and_adding_one_reruns_only_its_stages(pipeline_repo, tmp_path):
+    """params.yaml `benchmarks`: the built-in city's test split and a VG-format folder; `dvc repro` runs only the
+    suite's stages, writes metrics/bench/<model>/<name>.json and the combined table; a third benchmark then runs
+    only its own stages and the table."""
+    dvc = str(Path(sys.executable).parent / "dvc")
+    city = {"dataset": "synthetic", "split": "test", **TINY["download"]}
+    _set_params(pipeline_repo / "params.yaml", {"benchmarks": {
+        "city": city, "vgset": {"dataset": "vg", "image-root": str(_vg_folder(tmp_path / "vgset", 1))}}})
+    ran = _ran(_run([dvc, "repro"], pipeline_repo).stdout)
+    suite = {f"bench-{step}{'-imported' if m == 'released' else ''}@{m}-{b}"
+             for step in ("features", "evaluate") for m in MODELS for b in ("city", "vgset")}
+    assert ran == {"bench-split@city", "bench-split@vgset", "bench-table"} | suite, ran
+    # the built-in city's benchmark is the pipeline's own test split again: the same recall, found independently
+    for model in ("offtheshelf", "trained", "trained_pca"):
+        own = json.loads((pipeline_repo / f"metrics/test_{model}.json").read_text())
+        bench = json.loads((pipeline_repo / f"metrics/bench/{model}/city.json").read_text())
+        assert {k: bench[k] for k in own if k.startswith("recall@")} == {k: own[k] for k in own if
+                                                                          k.startswith("recall@")}
+    table = json.loads((pipeline_repo / "metrics/bench_table.json").read_text())
+    assert set(table["models"]) == set(MODELS) and set(table["benchmarks"]) == {"city", "vgset"}
+    assert table["benchmarks"]["vgset"] == {"num_queries": 5, "num_db": 10}
+    for model in MODELS:
+        for name in ("city", "vgset"):
+            written = json.loads((pipeline_repo / f"metrics/bench/{model}/{name}.json").read_text())
+            assert table["models"][model][name] == {f"recall@{n}": written[f"recall@{n}"] for n in (1, 5, 10)}
+    markdown = (pipeline_repo / "metrics/bench_table.md").read_text()
+    cell = " / ".join(f"{100 * table['models']['trained']['vgset'][f'recall@{n}']:.1f}" for n in (1, 5, 10))
+    assert "| `trained` |" in markdown and cell in markdown and "vgset (5 q / 10 db)" in markdown
+
+    _set_params(pipeline_repo / "params.yaml", {"benchmarks": {
+        "vgset2": {"dataset": "vg", "image-root": str(_vg_folder(tmp_path / "vgset2", 2))}}})
+    new = {"bench-split@vgset2"} | {s.replace("vgset", "vgset2") for s in suite if s.endswith("-vgset")}
+    assert _changed_stages(pipeline_repo) == new  # bench-table follows once their metrics exist
+    ran = _ran(_run([dvc, "repro"], pipeline_repo).stdout)
+    assert ran == new | {"bench-table"}, ran
+    assert set(json.loads((pipeline_repo / "metrics/bench_table.json").read_text())["benchmarks"]) == {
+        "city", "vgset", "vgset2"}
+    assert _changed_stages(pipeline_repo) == set()
+    shown = json.dumps(json.loads(_run([dvc, "metrics", "show", "--json"], pipeline_repo).stdout))
+    assert "metrics/bench/trained/vgset2.json" in shown
+
+
+def test_compare_shows_each_experiments_changed_params_and_recall_in_120_columns(pipeline_repo):
+    """Two `dvc exp run`s (one earlier in this module, one here) and `netvlad compare`: a block per experiment with
+    the params it changed, recall@1/5 of every model on the test split and on each benchmark, as `dvc exp show
+    --json` has them, and no line over 120 columns."""
+    dvc = str(Path(sys.executable).parent / "dvc")
+    _run([dvc, "exp", "run", "--name", "fewer-clusters", "-S", "model.head.num-clusters=4"], pipeline_repo)
+    out = _run([str(Path(sys.executable).parent / "netvlad"), "compare"], pipeline_repo).stdout
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= 120, out
+    header = lines[0].split()
+    assert header[:4] == ["Experiment", "Changed", "params", "Model"] and header[4] == "test"
+    assert {"city", "vgset", "vgset2"} <= set(header)
+    blocks = {}
+    for line in lines[3:]:
+        if line[:1].strip():
+            blocks[line.split()[0]] = []
+        if line.strip() and blocks:
+            blocks[list(blocks)[-1]].append(line)
+    assert "fewer-clusters" in blocks and "lr-two-procs" in blocks, out
+    assert "model.head.num-clusters=4" in "\n".join(blocks["fewer-clusters"])
+    assert "train.lr=0.02" in "\n".join(blocks["lr-two-procs"])
+    exps = json.loads(_run([dvc, "exp", "show", "--json"], pipeline_repo).stdout)
+    found = next(r for e in exps for g in (e.get("experiments") or []) for r in g["revs"]
+                 if (r.get("name") or g.get("name")) == "fewer-clusters")
+    metrics = found["data"]["metrics"]
+    trained = next(line for line in blocks["fewer-clusters"] if " trained " in f" {line} ")
+    values = trained.split()[-2 * 4:]  # test, city, vgset, vgset2: R@1 R@5 each
+    expected = [metrics["metrics/test_trained.json"]["data"][f"recall@{n}"] for n in (1, 5)]
+    assert values[:2] == [f"{100 * v:.1f}" for v in expected]

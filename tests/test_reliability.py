@@ -261,7 +261,7 @@ def test_features_finish_when_the_disk_fills_up_meanwhile(tmp_path, small_tmpfs)
 
 
 def test_memory_mapped_cache_on_a_full_disk_is_one_error_not_sigbus(small_tmpfs):
-    from netvlad_core.training import allocate_cache
+    from netvlad_core.training.triplet import allocate_cache
 
     with pytest.raises(NetVLADError, match=r"db_cache\.npy: cannot write, no space left on device"):
         allocate_cache(2000, 4096, np.float32, small_tmpfs / "db_cache.npy")  # 32 MB on a 2 MiB disk

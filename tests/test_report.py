@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,16 @@ import yaml
 from PIL import Image
 
 from netvlad_core.errors import NetVLADError
-from netvlad_core.report import ReportConfig, format_change, format_value, markdown_table, verdict, write_report
+from netvlad_core.report import (
+    ReportConfig,
+    describe_value,
+    format_change,
+    format_value,
+    markdown_table,
+    parse_max_drop,
+    verdict,
+    write_report,
+)
 from tests.conftest import REPO
 
 DVC = str(Path(sys.executable).parent / "dvc")
@@ -45,6 +55,28 @@ def test_markdown_table_and_verdict_lines():
     assert verdict("m", 0.625, 0.625) == "`m`: recall@1 unchanged (62.5 %)"
     assert verdict("m", None, 0.5) == "`m`: new, recall@1 50.0 %"
     assert verdict("m", 0.5, None) == "`m`: removed (recall@1 was 50.0 % at BASE)"
+    assert verdict("m", 0.5, None, now="recall@1 is NaN") == (
+        "`m`: no usable recall@1 in the working tree: recall@1 is NaN; it was 50.0 % at BASE")
+    assert verdict("m", None, 0.4, before="true (a boolean)") == (
+        "`m`: recall@1 at BASE is true (a boolean), not a number: nothing to compare against; 40.0 % in the working "
+        "tree")
+
+
+@pytest.mark.parametrize("value, text", [
+    (0.5, None), (1, None), (0, None), (float("nan"), "NaN"), (float("inf"), "infinite"), (float("-inf"), "-infinite"),
+    (10 ** 400, "infinite (an integer too large for a float)"), (None, "null"), (True, "true (a boolean)"),
+    (False, "false (a boolean)"), ("0.9", '"0.9" (text)'),
+    ([0.5], "[0.5] (a list)"), ({"v": 1}, '{"v": 1} (an object)'),
+])
+def test_what_a_recall_that_is_no_number_is_called(value, text):
+    assert describe_value(value) == text
+
+
+@pytest.mark.parametrize("text", ["none", "", "null", "default", "abc", "-1", "nan", "inf"])
+def test_a_given_max_drop_must_be_a_number_unset_words_included(text):
+    with pytest.raises(NetVLADError, match="^--max-drop must be a number of percentage points >= 0"):
+        parse_max_drop(text)
+    assert parse_max_drop(None) is None and parse_max_drop("0") == 0.0 and parse_max_drop("1.5") == 1.5
 
 
 # -------------------------------------------------------------------------------------------- small real repositories
@@ -204,3 +236,239 @@ def test_the_command_turns_bad_input_into_error_exit_2(two_commits, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: 'no-such-rev' is not a git revision of {two_commits}"]
     assert not (tmp_path / "r.md").exists() and not (tmp_path / "r.png").exists()
+
+
+# -------------------------------------------------------------------------- broken metrics never pass the gate
+
+def _empty(tmp_path: Path) -> Path:
+    """An empty folder for a command's outputs (``tmp_path`` holds the repository)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    return out
+
+
+def _short(repo: Path, rev: str = "HEAD~1") -> str:
+    return _git(repo, "rev-parse", "--short=7", rev).strip()
+
+
+def _set_metric(repo: Path, model: str, key: str, value) -> None:
+    path = repo / f"metrics/test_{model}.json"
+    doc = json.loads(path.read_text())
+    doc[key] = value
+    path.write_text(json.dumps(doc))  # json.dumps writes NaN and Infinity as Python's json module does
+
+
+@pytest.mark.parametrize("case, why", [
+    ("nan", "recall@1 is NaN"), ("inf", "recall@1 is infinite"), ("null", "recall@1 is null"),
+    ("boolean", "recall@1 is true (a boolean)"), ("text", 'recall@1 is "0.9" (text)'),
+    ("deleted", "metrics/test_a.json is missing"), ("no key", "metrics/test_a.json has no recall@1"),
+])
+def test_a_recall1_that_is_gone_or_no_number_fails_the_gate(two_commits, case, why):
+    path = two_commits / "metrics/test_a.json"
+    if case == "deleted":
+        path.unlink()
+    elif case == "no key":
+        path.write_text(json.dumps({"recall@5": 0.9, "num_queries": 4}))
+    else:
+        value = {"nan": float("nan"), "inf": float("inf"), "null": None, "boolean": True, "text": "0.9"}[case]
+        _set_metric(two_commits, "a", "recall@1", value)
+    # a gate of 50 points: only a recall@1 that is no number, or gone, can fail it here
+    report = _write(two_commits, base="HEAD~1", max_drop=50.0)
+    assert report.failures == ["a"] and report.recall1["a"] == (0.5, None)
+    line = f"no usable recall@1 in the working tree: a ({why}; 50.0 % at {_short(two_commits)})"
+    assert report.failure_line() == line
+    text = (two_commits / "r.md").read_text()
+    assert f"- `a`: no usable recall@1 in the working tree: {why}; it was 50.0 % at BASE" in text
+    assert f"**Fails**: {line}." in text and "Passes" not in text
+    assert "100.0 %" not in text  # a boolean is never a percentage
+    assert "- `b`: recall@1 +5.3 points (60.0 % → 65.3 %)" in text  # the other model is judged as before
+
+
+def test_the_command_exits_1_on_a_nan_recall1_and_names_the_model(two_commits):
+    _set_metric(two_commits, "a", "recall@1", float("nan"))
+    proc = _report(two_commits, "--base", "HEAD~1", "--max-drop", "50")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"no usable recall@1 in the working tree: a (recall@1 is NaN; 50.0 % at {_short(two_commits)})"]
+    assert "**Fails**" in (two_commits / "r.md").read_text()
+
+
+def test_a_broken_recall1_is_named_without_a_gate_and_a_new_model_with_one_fails_it(two_commits):
+    _set_metric(two_commits, "b", "recall@1", None)
+    (two_commits / "metrics/test_c.json").write_text(json.dumps({"recall@1": float("nan")}))
+    report = _write(two_commits, base="HEAD~1")  # no gate: no failure, but the verdicts say it
+    assert report.failures == [] and report.failure_line() is None
+    text = (two_commits / "r.md").read_text()
+    assert "- `b`: no usable recall@1 in the working tree: recall@1 is null; it was 60.0 % at BASE" in text
+    assert "- `c`: no usable recall@1 in the working tree: recall@1 is NaN" in text
+    assert _write(two_commits, base="HEAD~1", max_drop=50.0).failures == ["b", "c"]
+
+
+def test_a_recall1_at_base_that_is_no_number_is_named_and_not_compared(two_commits):
+    _set_metric(two_commits, "a", "recall@1", float("nan"))
+    _git(two_commits, "commit", "-qam", "a NaN at BASE")
+    _set_metric(two_commits, "a", "recall@1", 0.45)
+    report = _write(two_commits, base="HEAD", max_drop=1.0)
+    assert report.failures == [] and report.recall1["a"] == (None, 0.45) and report.base_unusable == {"a": "NaN"}
+    text = (two_commits / "r.md").read_text()
+    assert ("- `a`: recall@1 at BASE is NaN, not a number: nothing to compare against; 45.0 % in the working tree"
+            in text)
+    assert "Passes" in text
+
+
+CONFLICTED = '<<<<<<< HEAD\n{"recall@1": 0.4, "num_queries": 4}\n=======\n{"recall@1": 0.45, "num_queries": 4}\n' \
+             '>>>>>>> feature\n'
+
+
+@pytest.mark.parametrize("case", ["conflict", "truncated", "truncated at BASE", "not an object"])
+def test_an_unreadable_metrics_file_is_an_error_that_writes_nothing(two_commits, tmp_path, case):
+    out = _empty(tmp_path)
+    path = two_commits / "metrics/test_a.json"
+    good = path.read_text()
+    path.write_text({"conflict": CONFLICTED, "not an object": "[0.4, 0.8]"}.get(case, good[:len(good) // 2]))
+    base = "HEAD~1"
+    if case == "truncated at BASE":
+        _git(two_commits, "commit", "-qam", "a truncated metrics file")
+        path.write_text(good)
+        base = "HEAD"
+    proc = _report(two_commits, "--base", base, "--max-drop", "1", out=out)
+    assert proc.returncode == 2 and not list(out.iterdir())
+    [line] = proc.stderr.strip().splitlines()
+    where = f"metrics/test_a.json at BASE {_short(two_commits, 'HEAD')}" if case == "truncated at BASE" else path
+    expected = {"conflict": "holds merge-conflict markers", "not an object": "not a metrics file (a JSON object"}
+    assert line.startswith(f"error: {where}: {expected.get(case, 'not valid JSON (')}"), line
+
+
+def test_a_curve_value_that_is_no_finite_number_is_an_error(two_commits, tmp_path):
+    out = _empty(tmp_path)
+    curve = two_commits / "metrics/recall_a.csv"
+    curve.write_text("model,n,recall\na,1,0.4\na,5,nan\n")
+    proc = _report(two_commits, "--base", "HEAD~1", out=out)
+    assert proc.returncode == 2 and not list(out.iterdir())
+    assert proc.stderr.strip().splitlines() == [f"error: {curve}: line 3: recall 'nan' is not a finite number"]
+    curve.write_text("model,n,recall\na,1,high\n")
+    with pytest.raises(NetVLADError, match=r"recall_a\.csv: line 2: recall 'high' is not a finite number$"):
+        _write(two_commits, out, base="HEAD~1")
+
+
+@pytest.mark.parametrize("value", ["none", ""])
+def test_an_unset_max_drop_is_refused_not_a_silent_pass(two_commits, tmp_path, value):
+    out = _empty(tmp_path)
+    _set_metric(two_commits, "a", "recall@1", 0.1)  # a drop of 40 points: any number would fail it
+    proc = _report(two_commits, "--base", "HEAD~1", "--max-drop", value, out=out)
+    assert proc.returncode == 2 and not list(out.iterdir())
+    assert proc.stderr.strip().splitlines() == [
+        f"error: --max-drop must be a number of percentage points >= 0, got {value!r} (leave --max-drop, or "
+        f"MAX_DROP of `make report`, out for a report without a gate)"]
+
+
+# ------------------------------------------------------------------- what the pipeline declares, what it reads
+
+PIPELINE = """\
+stages:
+  evaluate:
+    foreach: [a, b]
+    do:
+      cmd: "true"
+      metrics:
+        - metrics/test_${item}.json:
+            cache: false
+  train:
+    cmd: "true"
+    metrics:
+      - metrics/train.json:
+          cache: false
+      - metrics/never_written.json:
+          cache: false
+"""
+
+
+def test_every_declared_metrics_file_is_reported_and_an_undeclared_one_is_named(two_commits):
+    (two_commits / "dvc.yaml").write_text(PIPELINE)  # foreach and plain stages; c is no longer declared
+    (two_commits / "metrics/train.json").write_text(json.dumps({"loss": 0.25, "best": {"recall@1": 0.5}}))
+    (two_commits / "metrics/test_c.json").write_text(json.dumps({"recall@1": 0.7}))
+    report = _write(two_commits, base="HEAD~1", max_drop=50.0)
+    assert report.undeclared == ["metrics/test_c.json"] and report.failures == []
+    text = (two_commits / "r.md").read_text()
+    assert ("Not declared as metrics in dvc.yaml (judged above from the file itself; `dvc metrics diff`, hence the "
+            "tables below, leave it out): `metrics/test_c.json`.") in text
+    assert "- `c`: new, recall@1 70.0 %" in text
+    rows = _rows(text)
+    assert rows[("metrics/train.json", "loss")] == ["—", "0.25", "—"]  # a plain stage's metrics
+    assert rows[("metrics/train.json", "best.recall@1")] == ["—", "0.5", "—"]
+    assert rows[("metrics/test_a.json", "recall@1")] == ["0.5", "0.4", "-0.1"]  # a foreach stage's metrics
+    assert ("metrics/test_c.json", "recall@1") not in rows
+    assert "Declared as metrics in dvc.yaml but missing in the working tree: `metrics/never_written.json`." in text
+    # BASE declared test_c.json at the top level, and had none
+    missing_at_base = f"Declared as metrics in dvc.yaml but missing at BASE `{_short(two_commits)}`: "
+    assert missing_at_base + "`metrics/test_c.json`." in text
+
+
+def test_an_unreadable_declared_metrics_file_is_an_error(two_commits, tmp_path):
+    out = _empty(tmp_path)
+    (two_commits / "dvc.yaml").write_text(PIPELINE)
+    (two_commits / "metrics/train.json").write_text('{"loss": 0.2')
+    proc = _report(two_commits, "--base", "HEAD~1", out=out)
+    assert proc.returncode == 2 and not list(out.iterdir())
+    assert proc.stderr.strip().splitlines() == [
+        "error: metrics/train.json in the working tree: the metrics file that dvc.yaml declares cannot be read (JSON "
+        "file structure is corrupted); resolve it (a merge conflict, a truncated write?) or rerun the stage that "
+        "writes it"]
+
+
+@pytest.mark.parametrize("option, path", [("--out", "metrics/test_a.json"), ("--plot", "metrics/recall_a.csv"),
+                                          ("--out", "params.yaml"), ("--plot", "dvc.yaml")])
+def test_an_output_never_replaces_a_file_the_report_reads(two_commits, tmp_path, option, path):
+    out = _empty(tmp_path)
+    target = two_commits / path
+    before = target.read_bytes()
+    outputs = {"--out": str(out / "r.md"), "--plot": str(out / "r.png"), option: str(target)}
+    proc = subprocess.run([sys.executable, "-m", "stages.report", "--repo", str(two_commits), "--base", "HEAD~1",
+                           *[x for pair in outputs.items() for x in pair]], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    assert proc.returncode == 2
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: {target}: ") and option in line and "must not replace" in line, line
+    assert target.read_bytes() == before and not list(out.iterdir())
+
+
+def test_an_output_on_a_file_that_only_base_has_is_refused_too(two_commits, tmp_path):
+    (two_commits / "metrics/test_b.json").unlink()  # read from BASE with git show: the ledger is told
+    proc = subprocess.run([sys.executable, "-m", "stages.report", "--repo", str(two_commits), "--base", "HEAD~1",
+                           "--out", str(two_commits / "metrics/test_b.json"), "--plot", str(tmp_path / "r.png")],
+                          cwd=REPO, capture_output=True, text=True, env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    assert proc.returncode == 2 and not (two_commits / "metrics/test_b.json").exists()
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {two_commits / 'metrics/test_b.json'}: read as an input (the metrics of b at BASE) and given as the "
+        f"output --out; an output must not replace a file the command reads"]
+
+
+# ------------------------------------------------------------------------ `make report`: BASE and MAX_DROP as data
+
+def _make_report(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    """The real `make report` of this project's Makefile, run in ``repo`` with this interpreter."""
+    shutil.copy(REPO / "Makefile", repo / "Makefile")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DVC_NO_ANALYTICS": "1"}
+    return subprocess.run(["make", "--no-print-directory", "report", f"REPORT_PYTHON={sys.executable}", *args],
+                          cwd=repo, env=env, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("branch", ["it's-base", "x';>pwned;'", "v$(HOME)"])
+def test_make_report_passes_base_as_data_whatever_the_branch_name(two_commits, branch):
+    _git(two_commits, "branch", branch, "HEAD~1")
+    proc = _make_report(two_commits, f"BASE={branch}", "MAX_DROP=50")
+    assert proc.returncode == 0, proc.stderr
+    assert not (two_commits / "pwned").exists()  # the name ran no shell
+    text = (two_commits / "report.md").read_text()
+    assert f"BASE: {branch}, commit `{_short(two_commits)}`" in text
+    assert _rows(text)[("params.yaml", "train.lr")] == ["0.01", "0.02", "+0.01"]
+
+
+@pytest.mark.parametrize("value", ["none", ""])
+def test_make_report_refuses_an_unset_max_drop(two_commits, value):
+    proc = _make_report(two_commits, "BASE=HEAD~1", f"MAX_DROP={value}")
+    assert proc.returncode != 0 and not (two_commits / "report.md").exists()
+    assert f"error: --max-drop must be a number of percentage points >= 0, got {value!r}" in proc.stderr
+    if value == "none":
+        without = _make_report(two_commits, "BASE=HEAD~1")  # left out: a report without a gate
+        assert without.returncode == 0 and "Passes" not in (two_commits / "report.md").read_text()

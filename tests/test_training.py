@@ -264,6 +264,8 @@ def test_train_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     from netvlad_core.io import save_state
     from netvlad_core.mining import MiningStats
     from netvlad_core.training import CHECKPOINT_FORMAT, TrainState
+    from netvlad_core.training.state import seed_everything
+    from netvlad_core.training.triplet import TripletState
 
     def objects(seed: int):
         torch.manual_seed(seed)
@@ -272,45 +274,44 @@ def test_train_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
         return model, optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
 
     model, optimizer, scheduler = objects(0)
-    usable = np.array([0, 2, 3, 4])
-    state = TrainState.fresh(TrainConfig(seed=3, mining=MiningConfig(num_negatives=2), max_queries_per_epoch=3),
-                             model=model,
-                             optimizer=optimizer, scheduler=scheduler, num_queries=5, usable=usable)
-    assert len(state.query_order) == 3 and set(state.query_order) <= set(usable)
-    assert state.negative_cache.shape == (5, 2) and (state.negative_cache == -1).all()
+    state = TrainState(model=model, optimizer=optimizer, scheduler=scheduler, rng=seed_everything(3), epoch=0,
+                       position=0, order=np.array([3, 0, 4]), best_recall={}, best_epoch=0,
+                       epochs_without_improvement=0, best_model=None, live_step=0, stopped=False,
+                       recipe_state=TripletState(negative_cache=np.full((5, 2), -1, dtype=np.int64)))
     model(torch.ones(1, 3)).sum().backward()
     optimizer.step()
     scheduler.step()
-    state.mining_rng.random(4)
-    state.negative_cache[1] = [4, 0]
+    state.rng.random(4)
+    state.recipe_state.negative_cache[1] = [4, 0]
     state.epoch, state.position, state.best_recall, state.best_epoch = 2, 1, {1: 0.5, 5: 0.75, 10: 1.0}, 2
-    state.epochs_without_improvement, state.live_step, state.skipped_queries, state.stopped = 1, 7, 3, True
+    state.epochs_without_improvement, state.live_step, state.stopped = 1, 7, True
+    state.recipe_state.skipped_queries = 3
     state.best_model = {k: v + 1 for k, v in model.state_dict().items()}
-    state.epoch_stats = MiningStats(queries=4, no_positive=1, no_violation=1, violating=5, candidates=6)
+    state.recipe_state.epoch_stats = MiningStats(queries=4, no_positive=1, no_violation=1, violating=5, candidates=6)
     live = tmp_path / "live"
     (live / "plots" / "metrics" / "train").mkdir(parents=True)
     (live / "metrics.json").write_text('{"step": 7}')
     (live / "plots" / "metrics" / "train" / "loss.tsv").write_text("step\tloss\n0\t1.5\n")
     save_state(tmp_path / "ckpt.pt", state.to_checkpoint("the-identity", live))
-    after = (torch.rand(3), np.random.rand(3), random.random(), state.mining_rng.random(3))
+    after = (torch.rand(3), np.random.rand(3), random.random(), state.rng.random(3))
 
     model2, optimizer2, scheduler2 = objects(1)  # other weights, no momentum yet: the checkpoint must replace them
     checkpoint = load_state(tmp_path / "ckpt.pt")  # weights_only=True
     assert checkpoint["format"] == CHECKPOINT_FORMAT and checkpoint["identity"] == "the-identity"
     back = TrainState.from_checkpoint(checkpoint, model=model2, optimizer=optimizer2, scheduler=scheduler2,
-                                      live_dir=tmp_path / "live2")
-    drawn = (torch.rand(3), np.random.rand(3), random.random(), back.mining_rng.random(3))
+                                      recipe_state=TripletState.from_checkpoint, live_dir=tmp_path / "live2")
+    drawn = (torch.rand(3), np.random.rand(3), random.random(), back.rng.random(3))
     assert torch.equal(drawn[0], after[0]) and np.array_equal(drawn[1], after[1]) and drawn[2] == after[2]
     assert np.array_equal(drawn[3], after[3])
     assert back.model is model2 and all(torch.equal(v, model.state_dict()[k]) for k, v in model2.state_dict().items())
     assert torch.equal(optimizer2.state_dict()["state"][0]["momentum_buffer"],
                        optimizer.state_dict()["state"][0]["momentum_buffer"])
     assert scheduler2.last_epoch == 1 and optimizer2.param_groups[0]["lr"] == pytest.approx(0.05)
-    assert np.array_equal(back.negative_cache, state.negative_cache)
-    assert np.array_equal(back.query_order, state.query_order)
+    assert np.array_equal(back.recipe_state.negative_cache, state.recipe_state.negative_cache)
+    assert np.array_equal(back.order, state.order)
     assert (back.epoch, back.position, back.best_recall, back.best_epoch, back.epochs_without_improvement,
-            back.live_step, back.skipped_queries, back.stopped, back.epoch_stats) == \
-        (2, 1, {1: 0.5, 5: 0.75, 10: 1.0}, 2, 1, 7, 3, True, state.epoch_stats)
+            back.live_step, back.stopped, back.recipe_state.skipped_queries, back.recipe_state.epoch_stats) == \
+        (2, 1, {1: 0.5, 5: 0.75, 10: 1.0}, 2, 1, 7, True, 3, state.recipe_state.epoch_stats)
     assert back.best_model.keys() == state.best_model.keys()
     assert all(torch.equal(back.best_model[k], v) for k, v in state.best_model.items())
     assert {p.relative_to(tmp_path / "live2").as_posix(): p.read_text()

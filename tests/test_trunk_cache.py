@@ -11,6 +11,7 @@ import torch
 from netvlad_core.datasets.manifest import load_split
 from netvlad_core.errors import NetVLADError
 from netvlad_core.models import ModelConfig, build_model
+from netvlad_core.training import checkpoint_bytes
 from netvlad_core.trunk_cache import (
     CACHE_NAME,
     SIDECAR_NAME,
@@ -89,7 +90,28 @@ def test_auto_turns_the_cache_off_when_it_does_not_fit_and_on_refuses(setup, sma
     with pytest.raises(NetVLADError, match=r"trunk-cache on: needs 8\.8 MiB"):
         plan_trunk_cache(model, big, train, val, mode="on", dtype="float32", folder=small_tmpfs, device=CPU,
                          log=messages.append)
+    room = checkpoint_bytes(model, train.num_queries, num_negatives=10)  # > 2 MiB: the model's weights twice
+    with pytest.raises(NetVLADError, match=r"trunk-cache on: needs 360\.0 KiB \+ [0-9.]+ MiB for the checkpoint"):
+        plan_trunk_cache(model, CFG, train, val, mode="on", dtype="float32", folder=small_tmpfs, device=CPU,
+                         keep_free=room, log=messages.append)  # the cache alone fits: the checkpoint would not
     assert plan_trunk_cache(model, CFG, train, val, mode="off", dtype="float16", folder=small_tmpfs, device=CPU,
                             log=messages.append) is None
     assert len(messages) == 1, "off says nothing"
     assert not any(p.name in (CACHE_NAME, SIDECAR_NAME) for p in small_tmpfs.iterdir())
+
+
+def test_checkpoint_room_covers_a_real_checkpoint_written_beside_the_previous_one(setup):
+    """The estimate the disk check leaves free is at least two checkpoints (old + new during the atomic write) of a
+    model whose optimiser has momentum buffers."""
+    import io as _io
+
+    model, train, _ = setup
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    model(torch.zeros(2, 3, 48, 64)).sum().backward()
+    optimizer.step()
+    buffer = _io.BytesIO()
+    best = {k: v.clone() for k, v in model.state_dict().items()}  # a copy, as training keeps it
+    torch.save({"model": model.state_dict(), "best_model": best, "optimizer": optimizer.state_dict(),
+                "negative_cache": torch.full((train.num_queries, 10), -1, dtype=torch.int64)}, buffer)
+    assert checkpoint_bytes(model, train.num_queries, 10) >= 2 * buffer.tell()

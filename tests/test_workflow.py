@@ -78,6 +78,17 @@ def test_the_workflow_runs_the_readme_targets_and_fails_on_a_recall_drop():
     assert _step(r"dvc pull")["if"] == "vars.DVC_PULL == 'true'"
 
 
+def test_no_run_script_has_an_expression_pasted_into_it():
+    """GitHub pastes a `${{ … }}` of a `run:` script into the script's text before the shell reads it: a base
+    branch named `x';>pwned;'` (git allows it) would run as shell. The base ref reaches the script as an environment
+    variable, which the shell expands as data."""
+    for step in _steps():
+        assert "${{" not in step.get("run", ""), f"{step.get('name')}: an expression in its run script"
+    report = _step(r"(?m)^make report ")
+    assert report["env"]["BASE_REF"] == "${{ github.base_ref }}"
+    assert re.search(r'(?m)^make report BASE="origin/\$BASE_REF" MAX_DROP="\$MAX_RECALL_DROP"', report["run"])
+
+
 def test_the_workflow_scripts_are_valid_bash():
     for step in _steps():
         if "run" in step:

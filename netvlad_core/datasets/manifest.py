@@ -22,13 +22,29 @@ import numpy as np
 import pandas as pd
 
 from ..errors import NetVLADError
-from ..io import atomic_h5, atomic_path, read_json, write_json
+from ..io import (
+    atomic_h5,
+    atomic_path,
+    note_reads_under,
+    open_h5_for_reading,
+    read_json,
+    require_file,
+    write_json,
+)
 from .specs import check_thresholds
 
 MANIFEST = "manifest.csv"
 SPLIT_JSON = "split.json"
 GROUND_TRUTH = "ground_truth.h5"
 COLUMNS = ["path", "role", "utm_east", "utm_north", "timestamp"]
+
+
+@dataclass
+class GroundTruth:
+    """Per-query database indices, sorted by distance: ``positives`` (eval) and ``train_positives``."""
+
+    positives: list[np.ndarray]
+    train_positives: list[np.ndarray]
 
 
 @dataclass
@@ -47,6 +63,9 @@ class Split:
     db_timestamps: np.ndarray | None = None
     q_timestamps: np.ndarray | None = None
     extra: dict = field(default_factory=dict)
+    #: positives computed by the reader (MSLS: per city, as the official loader does), written by
+    #: :func:`write_split` instead of the radius search over the whole split; None (the usual case): computed there.
+    ground_truth: GroundTruth | None = None
 
     @property
     def num_db(self) -> int:
@@ -81,14 +100,6 @@ class Split:
             },
             columns=COLUMNS,
         )
-
-
-@dataclass
-class GroundTruth:
-    """Per-query database indices, sorted by distance: ``positives`` (eval) and ``train_positives``."""
-
-    positives: list[np.ndarray]
-    train_positives: list[np.ndarray]
 
 
 def split_fingerprint(split: Split, *, files: bool = True) -> str:
@@ -172,7 +183,10 @@ def _relative_root(image_root: Path, split_dir: Path) -> str:
 def write_split(split: Split, split_dir: str | Path) -> Path:
     """Write manifest, split.json and ground truth into ``split_dir`` atomically (all or nothing)."""
     split_dir = Path(split_dir)
-    gt = compute_ground_truth(split)
+    gt = compute_ground_truth(split) if split.ground_truth is None else split.ground_truth
+    if len(gt.positives) != split.num_queries or len(gt.train_positives) != split.num_queries:
+        raise ValueError(f"{split.dataset} {split.name}: ground truth for {len(gt.positives)} queries, split has "
+                         f"{split.num_queries}")
     with atomic_path(split_dir, is_dir=True) as tmp:
         split.frame().to_csv(tmp / MANIFEST, index=False, float_format="%.17g")
         write_json(
@@ -204,8 +218,7 @@ def load_split(split_dir: str | Path) -> Split:
     split_dir = Path(split_dir)
     meta = read_json(split_dir / SPLIT_JSON)
     manifest = split_dir / MANIFEST
-    if not manifest.is_file():
-        raise NetVLADError(f"{manifest}: file not found")
+    require_file(manifest)
     try:
         df = pd.read_csv(manifest, dtype={"path": str, "role": str}, keep_default_na=True)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
@@ -230,6 +243,8 @@ def load_split(split_dir: str | Path) -> Split:
     check_thresholds(split_dir / SPLIT_JSON, pos_dist_thr=meta.get("pos_dist_thr"),
                      non_triv_pos_dist_sq_thr=meta.get("non_triv_pos_dist_sq_thr"),
                      names=("pos_dist_thr", "pos_dist_sq_thr", "non_triv_pos_dist_sq_thr"))
+    # the images are read by loader processes, whose opens the command's ledger does not see: declared here
+    note_reads_under(root, df["path"].tolist(), f"an image of {split_dir}")
     return Split(
         dataset=meta["dataset"],
         name=meta["split"],
@@ -247,12 +262,9 @@ def load_split(split_dir: str | Path) -> Split:
 
 
 def load_ground_truth(split_dir: str | Path) -> GroundTruth:
-    import h5py
 
-    path = Path(split_dir) / GROUND_TRUTH
-    if not path.is_file():
-        raise NetVLADError(f"{path}: file not found")
-    with h5py.File(path, "r") as h5:
+    path = require_file(Path(split_dir) / GROUND_TRUTH)
+    with open_h5_for_reading(path) as h5:
         return GroundTruth(
             positives=_from_csr(h5["positives/indptr"][()], h5["positives/indices"][()]),
             train_positives=_from_csr(h5["train_positives/indptr"][()], h5["train_positives/indices"][()]),

@@ -11,7 +11,12 @@ tokyoTM    ``tokyoTM_{train,val}.mat`` (timestamps)      train, val             
 tokyo247   ``tokyo247.mat``                              test                        ``queries_real/<qImageFn>``
 synthetic  ``synthetic_{train,val,test}.mat``            train, val, test            ``queries_real/<qImageFn>``
 vg         folders, no spec (see :func:`vg_split`)       those present               ``queries/<file>``
+msls       MSLS CSVs, no spec (see :mod:`.msls`)         val, train, or a city       ``train_val/<city>/query/…``
 =========  ============================================  ==========================  =========================
+
+The standard test sets in VG format (``nordland``, ``sped``, ``sf-xl``, ``pitts30k-vg``, ``pitts250k-vg``,
+``tokyo247-vg``, ``msls-vg``) are ``vg`` folders checked against their published counts and conventions
+(:mod:`.standard`).
 
 Image-root conventions (all paths in a :class:`Split` are relative to its ``image_root``):
 
@@ -29,7 +34,8 @@ Image-root conventions (all paths in a :class:`Split` are relative to its ``imag
   of a panorama by default, as the papers do (database rows ``12p … 12p+11`` are panorama ``p``, the authors'
   ``floor((id-1)/12)``; ``netvlad evaluate --collapse-panoramas no`` overrides it).
 - VG benchmark folders: ``image_root`` is ``<root>/images/<split>`` (or ``<root>/<split>``), database paths
-  ``database/<file>``, query paths ``queries/<file>``.
+  ``database/<file>``, query paths ``queries/<file>`` (another queries folder on request: SF-XL ``queries_v1``).
+- MSLS: ``image_root`` is the MSLS root, paths ``train_val/<city>/{database,query}/images/<key>.jpg``.
 """
 
 from __future__ import annotations
@@ -59,19 +65,31 @@ DEFAULT_CACHE_NAME = ".netvlad_cache"
 class DownloadConfig:
     """What ``download`` reads (params.yaml group ``download``; the built-in city's size is a ``SyntheticConfig``)."""
 
-    dataset: str = option("synthetic", "Dataset: pitts30k, pitts250k, tokyoTM, tokyo247, vg (benchmark folders) or "
-                          "synthetic (the built-in city).")
+    dataset: str = option("synthetic", "Dataset: pitts30k, pitts250k, tokyoTM, tokyo247, vg (benchmark folders), msls "
+                          "(official protocol), a standard set in VG format (nordland, sped, sf-xl, pitts30k-vg, "
+                          "pitts250k-vg, tokyo247-vg, msls-vg), gsv-cities (a train split of places, for train.recipe "
+                          "places) or synthetic (the built-in city).")
     spec: str | None = option(None, "The dbStruct .mat files: an http(s)/file URL, a local tar/zip archive or a "
                               "folder holding them (searched recursively); unset: the authors' "
                               "netvlad_v100_datasets.tar.gz. Not used for vg and synthetic.")
     image_root: str | None = option(None, "Folder holding the images (distributed separately by the authors); "
-                                    "queries under DIR/queries_real/. For vg: the benchmark's dataset folder.")
+                                    "queries under DIR/queries_real/. For vg and the VG-format sets: the benchmark's "
+                                    "dataset folder; for msls: the MSLS root (with train_val/).")
     sha256: str | None = option(None, "Expected sha256 of the spec archive; a mismatch is an error. The digest of "
                                 "every archive used is printed so it can be pinned.")
-    cache_dir: str | None = option(None, "Where downloads are kept (and interrupted ones resumed); unset: "
-                                   "<parent of --out>/.netvlad_cache.")
-    split: list[str] = option([], "Only this split (repeatable), e.g. --split test; none given: every split.")
+    cache_dir: str | None = option(None, "Where downloads are kept (interrupted ones resumed; a kept one reused "
+                                   "when it matches --sha256, or else when the server says it has not changed); "
+                                   "unset: <parent of --out>/.netvlad_cache.")
+    split: list[str] = option([], "Only this split (repeatable), e.g. --split test; none given: every split. msls: "
+                              "val, train or a train/val city (e.g. cph) evaluated on its own.")
+    msls_subtask: str = option("all", "msls: the official subtask filter of val and single-city splits: all, s2w, "
+                               "w2s, o2n, n2o, d2n or n2d.")
+    queries_folder: str | None = option(None, "VG folders: the queries sub-folder of each split; unset: queries "
+                                        "(sf-xl: queries_v1; queries_v2, queries_night, queries_occlusion on "
+                                        "request).")
     workers: int = option(2, "synthetic: rendering processes.")
+    cities: list[str] = option([], "gsv-cities: only this city (repeatable, e.g. --cities London); none given: all.")
+    min_images_per_place: int = option(4, "gsv-cities: places with fewer images are dropped (and counted).")
 
 
 @dataclass(frozen=True)
@@ -88,14 +106,37 @@ class DatasetInfo:
     db_suffix_map: tuple[str, str] | None = None
     #: recorded in every split's ``split.json`` under ``extra``.
     extra: dict = field(default_factory=dict)
+    #: how the dataset is read: ``mat`` (dbStruct specs), ``vg`` (benchmark folders) or ``msls`` (MSLS CSVs).
+    reader: str = "mat"
+    #: a standard test set in VG format checked against its published version (:mod:`.standard`), or None.
+    standard: str | None = None
 
     @property
     def folder_format(self) -> bool:
-        return not self.split_files
+        return self.reader == "vg"
 
     @property
     def split_names(self) -> tuple[str, ...]:
+        if self.reader == "msls":
+            from .msls import split_names
+
+            return split_names()
         return tuple(s for s, _ in self.split_files) if self.split_files else VG_SPLITS
+
+    @property
+    def benchmark_split(self) -> str:
+        """The split a benchmark evaluates when none is named: the standard set's, else test (msls: val)."""
+        if self.standard is not None:
+            from .standard import SETS
+
+            return SETS[self.standard].default_split
+        return "val" if self.reader == "msls" else "test"
+
+
+def _standard_sets() -> dict:
+    from .standard import SETS
+
+    return SETS
 
 
 def _pitts(name: str, description: str) -> DatasetInfo:
@@ -118,7 +159,11 @@ CATALOGUE: dict[str, DatasetInfo] = {
             db_suffix_map=(".jpg", ".png"), extra={"views_per_panorama": 12},
         ),
         _pitts("synthetic", "The built-in synthetic city (spec files written by the renderer)"),
-        DatasetInfo("vg", "Deep visual geo-localization benchmark folders (images/<split>/{database,queries})"),
+        DatasetInfo("vg", "Deep visual geo-localization benchmark folders (images/<split>/{database,queries})",
+                    reader="vg"),
+        DatasetInfo("msls", "Mapillary SLS, official protocol (val = cph + sf, subtask filter, no panoramas, "
+                    "queries with a positive within 25 m)", reader="msls"),
+        *(DatasetInfo(name, info.description, reader="vg", standard=name) for name, info in _standard_sets().items()),
     )
 }
 
@@ -234,25 +279,29 @@ def _vg_images(folder: Path) -> list[str]:
     return sorted(out)
 
 
-def vg_split(root: str | os.PathLike, split_name: str, *, dataset: str = "vg") -> Split:
+def vg_split(root: str | os.PathLike, split_name: str, *, dataset: str = "vg",
+             queries_folder: str = "queries") -> Split:
     """Read ``<root>/images/<split>/{database,queries}/`` (or ``<root>/<split>/...``) into a Split.
 
     Files (``.jpg``/``.jpeg``/``.png``, searched recursively, sorted by path) are named
     ``@utm_east@utm_north@zone@letter@lat@lon@pano_id@tile@heading@pitch@roll@height@timestamp@note@.jpg``.
-    Thresholds: 25 m for positives, 10 m (100 m²) for training positives, as in the benchmark.
+    Thresholds: 25 m for positives, 10 m (100 m²) for training positives, as in the benchmark. ``queries_folder``
+    names the queries sub-folder (SF-XL: ``queries_v1``, ``queries_v2``, …).
     """
     split_dir = vg_base(root) / split_name
+    if not queries_folder or "/" in queries_folder or queries_folder in (".", ".."):
+        raise NetVLADError(f"{queries_folder!r}: the queries folder must be the name of a sub-folder of {split_dir}")
     parts: dict[str, tuple[list[str], np.ndarray]] = {}
-    for role in ("database", "queries"):
-        folder = split_dir / role
+    for role, folder_name in (("database", "database"), ("queries", queries_folder)):
+        folder = split_dir / folder_name
         if not folder.is_dir():
             raise NetVLADError(f"{folder}: folder not found (VG layout: images/<split>/database and "
-                               f"images/<split>/queries)")
+                               f"images/<split>/{queries_folder})")
         names = _vg_images(folder)
         if not names:
             raise NetVLADError(f"{folder}: no .jpg/.png images")
         utm = np.array([parse_vg_name(str(folder / n)) for n in names], dtype=np.float64).reshape(-1, 2)
-        parts[role] = ([f"{role}/{n}" for n in names], utm)
+        parts[role] = ([f"{folder_name}/{n}" for n in names], utm)
     return Split(
         dataset=dataset,
         name=split_name,
@@ -317,11 +366,15 @@ def load_splits(
     spec_dir: str | os.PathLike | None,
     image_root: str | os.PathLike,
     splits: Sequence[str] | None = None,
+    msls_subtask: str = "all",
+    queries_folder: str | None = None,
 ) -> list[Split]:
     """Read, convert and check every requested split of dataset ``name`` (nothing is written).
 
     ``spec_dir`` is a folder in which the dataset's .mat files are found (searched recursively; unused for
-    ``vg``); ``image_root`` is the folder holding the images (for ``vg``: the benchmark's dataset folder).
+    ``vg`` and ``msls``); ``image_root`` is the folder holding the images (for ``vg``: the benchmark's dataset
+    folder; for ``msls``: the MSLS root with ``train_val/``). ``msls_subtask`` is MSLS's subtask filter,
+    ``queries_folder`` the VG queries sub-folder (unset: ``queries``, or the standard set's).
     """
     from ..download import find_spec_file
 
@@ -337,7 +390,20 @@ def load_splits(
         raise NetVLADError(f"{info.name}: a split is requested twice ({', '.join(wanted)})")
 
     out: list[Split] = []
+    if info.reader == "msls":
+        from .msls import msls_splits
+
+        for split in msls_splits(image_root, splits, subtask=msls_subtask):
+            check_images(split)
+            out.append(split)
+        return out
+    if queries_folder is not None and not info.folder_format:
+        raise NetVLADError(f"{info.name}: --queries-folder is for VG folders only")
     if info.folder_format:
+        from .standard import SETS, check_standard_split, msls_conversion_note, warn_msls_conversion
+
+        standard = SETS.get(info.standard) if info.standard else None
+        queries = queries_folder or (standard.queries_folder if standard else "queries")
         present = vg_available_splits(image_root)
         if not splits:
             wanted = present
@@ -348,8 +414,14 @@ def load_splits(
         for s in wanted:
             if s not in present:
                 raise NetVLADError(f"{vg_base(image_root) / s}: split folder not found")
-            split = vg_split(image_root, s, dataset=info.name)
+            split = vg_split(image_root, s, dataset=info.name, queries_folder=queries)
             check_images(split)
+            if standard is not None:
+                split.extra.update(check_standard_split(standard.name, split, queries))
+            why = "read as msls-vg" if info.name == "msls-vg" else msls_conversion_note(split)
+            if why:
+                split.extra["msls_vg_conversion"] = True
+                warn_msls_conversion(split, why)
             out.append(split)
         return out
 
@@ -402,10 +474,12 @@ def prepare_dataset(
     progress: bool = True,
     timeout: float = 60.0,
     log: Callable[[str], None] | None = None,
+    msls_subtask: str = "all",
+    queries_folder: str | None = None,
 ) -> list[Path]:
     """Turn dataset ``name`` into ``out_dir/<split>/`` folders (manifest, split.json, ground truth).
 
-    Steps: resolve ``spec`` (URL, archive or folder; default :data:`AUTHORS_SPEC_URL`; unused for ``vg``)
+    Steps: resolve ``spec`` (URL, archive or folder; default :data:`AUTHORS_SPEC_URL`; unused for ``vg``/``msls``)
     into a folder of .mat files, read each split's .mat, convert it, check that every image exists under
     ``image_root``, then write all splits. All or nothing: the splits are built in a temporary sibling of
     ``out_dir`` that replaces it at the end, so on any error ``out_dir`` is left as it was (and is not
@@ -430,7 +504,7 @@ def prepare_dataset(
                            f"replaced as a whole")
 
     spec_dir: Path | None = None
-    if info.folder_format:
+    if info.reader != "mat":
         if spec is not None or sha256:
             raise NetVLADError(f"{info.name}: no spec file is used; pass the dataset folder as image_root "
                                f"(--image-root)")
@@ -445,7 +519,8 @@ def prepare_dataset(
                                f"replaced as a whole")
         spec_dir = resolve_spec_source(spec, cache, sha256=sha256, progress=progress, timeout=timeout, log=log)
 
-    loaded = load_splits(info.name, spec_dir=spec_dir, image_root=image_root, splits=splits)
+    loaded = load_splits(info.name, spec_dir=spec_dir, image_root=image_root, splits=splits,
+                         msls_subtask=msls_subtask, queries_folder=queries_folder)
     with atomic_path(out_dir, is_dir=True) as tmp:
         for split in loaded:
             write_split(split, tmp / split.name)
@@ -456,19 +531,26 @@ def write_dataset(out_dir: str | os.PathLike, *, cfg: DownloadConfig, city, prog
                   log: Callable[[str], None] = print, notice: Callable[[str], None] | None = None) -> list[Path]:
     """The ``download`` stage: dataset ``cfg.dataset`` as split folders under ``out_dir``
     (:func:`prepare_dataset`; the built-in city, rendered from ``city``, a ``SyntheticConfig``, by
-    ``prepare_synthetic_dataset``); logs one line per split written, and passes the downloads' notices (the
-    sha256 of every archive) to ``notice``. Returns the split folders."""
+    ``prepare_synthetic_dataset``; GSV-Cities by :func:`.gsv_cities.prepare_gsv_cities`); logs one line per split
+    written, and passes the downloads' notices (the sha256 of every archive) to ``notice``. Returns the split
+    folders."""
     from ..io import read_json
 
-    info = get_dataset(cfg.dataset)
-    if info.name == "synthetic":
+    if str(cfg.dataset).lower() == "gsv-cities":
+        from .gsv_cities import prepare_gsv_cities
+
+        paths = prepare_gsv_cities(cfg.image_root, out_dir, cities=cfg.cities, min_images=cfg.min_images_per_place,
+                                   log=log)
+    elif get_dataset(cfg.dataset).name == "synthetic":
         from .synthetic import prepare_synthetic_dataset
 
         paths = prepare_synthetic_dataset(city, out_dir, splits=cfg.split or None, workers=cfg.workers,
                                           progress=progress)
     else:
-        paths = prepare_dataset(info.name, out_dir, spec=cfg.spec, image_root=cfg.image_root, sha256=cfg.sha256,
-                                cache_dir=cfg.cache_dir, splits=cfg.split or None, progress=progress, log=notice)
+        paths = prepare_dataset(get_dataset(cfg.dataset).name, out_dir, spec=cfg.spec, image_root=cfg.image_root,
+                                sha256=cfg.sha256, cache_dir=cfg.cache_dir, splits=cfg.split or None,
+                                progress=progress, log=notice, msls_subtask=cfg.msls_subtask,
+                                queries_folder=cfg.queries_folder)
     for path in paths:
         meta = read_json(path / "split.json")
         log(f"download: {meta['dataset']} {meta['split']}: {meta['num_db']} database images, "

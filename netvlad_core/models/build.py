@@ -17,7 +17,7 @@ from torch import nn
 from ..config import option
 from ..errors import NetVLADError
 from ..io import load_state, save_state
-from .backbones import MATCONVNET, build_backbone, first_mismatch, parse_backbone_name, seeded_init
+from .backbones import MATCONVNET, build_backbone, first_mismatch, is_transformer, parse_backbone_name, seeded_init
 from .netvlad import NetVLAD
 from .pooling import POOLINGS, build_pooling
 from .weights import MODEL_FILE_FORMAT, is_model_file
@@ -27,7 +27,7 @@ TRUNK_FIELDS = ("backbone", "weights", "input_height", "input_width")
 #: What a trunk taken from a model file brings along (:func:`resolve_trunk`): its layers, input normalisation, origin
 FILE_TRUNK_FIELDS = ("layers", "mean", "std", "source")
 #: The ModelConfig fields of the pooling layer (``kmeans`` chooses them; params.yaml ``model.head``)
-HEAD_FIELDS = ("pooling", "num_clusters", "vladv2")
+HEAD_FIELDS = ("pooling", "num_clusters", "vladv2", "projection_dim", "cls_dim")
 
 MODEL_FILE_VERSION = 1
 
@@ -51,15 +51,25 @@ class ModelConfig:
     """
 
     backbone: str = option("vgg16", "Backbone: vgg16, alexnet, resnet18/50[_layer3|_layer4], "
-                           "efficientnet_lite0, timm:<name>.")
-    weights: str = option("imagenet", "Backbone weights: imagenet, none (random, drawn from init_seed), or a local "
-                          "state-dict file.")
+                           "efficientnet_lite0, timm:<name>, or a vision transformer: dinov2_vit{s,b,l,g}14[_reg], "
+                           "dinov3_vit{s,b,l}16 (any input size: sides that are not multiples of the patch size "
+                           "are resized to the nearest multiples).")
+    weights: str = option("imagenet", "Backbone weights: imagenet (the published pretrained weights; DINOv2/v3: "
+                          "their self-supervised LVD weights, timm tags .lvd142m/.lvd1689m), none (random, drawn "
+                          "from init_seed), or a local state-dict file (.pth/.safetensors; the transformers also "
+                          "take the official torch.hub checkpoints).")
     trainable_blocks: int | None = option(None, "Freeze boundary: trainable backbone units counted from the end "
                                           "(-1 all, 0 none); unset: the backbone's default (vgg16: conv5_1-conv5_3 "
-                                          "as in the paper, the others their last stage).")
-    pooling: str = option("netvlad", "Pooling: netvlad, max, avg or gem (only netvlad uses the k-means centroids).")
+                                          "as in the paper, the transformers their last 4 blocks, the others their "
+                                          "last stage).")
+    pooling: str = option("netvlad", "Pooling: netvlad, netvlad-linear (NetVLAD + a per-cluster linear projection "
+                          "and the projected CLS token; transformers only), max, avg or gem (only the netvlad "
+                          "poolings use the k-means centroids).")
     num_clusters: int = option(64, "K, the number of NetVLAD clusters (k-means centroids).")
     vladv2: bool = option(False, "Use the vladv2 initialisation (conv bias from squared distances).")
+    projection_dim: int = option(128, "netvlad-linear: each cluster's residual is projected to this size (one Linear "
+                                 "D -> d shared by the clusters).")
+    cls_dim: int = option(256, "netvlad-linear: the CLS token is projected to this size.")
     gem_p: float = option(3.0, "GeM pooling exponent p.", cli=False)
     gem_learnable: bool = option(True, "Learn GeM's p.", cli=False)
     input_height: int = option(480, "Images are resized to this height (pixels).")
@@ -111,6 +121,9 @@ class ModelConfig:
             raise NetVLADError(f"unknown pooling {self.pooling!r}; valid: {', '.join(POOLINGS)}")
         if not _is_int(self.num_clusters) or self.num_clusters < 2:
             raise NetVLADError(f"num_clusters must be an integer >= 2, got {self.num_clusters!r}")
+        for key in ("projection_dim", "cls_dim"):
+            if not _is_int(getattr(self, key)) or getattr(self, key) < 1:
+                raise NetVLADError(f"{key} must be an integer >= 1, got {getattr(self, key)!r}")
         if not isinstance(self.vladv2, bool):
             raise NetVLADError(f"vladv2 must be true or false, got {self.vladv2!r}")
         if not _is_number(self.gem_p) or not self.gem_p > 0:
@@ -136,9 +149,10 @@ class ModelConfig:
                 raise NetVLADError("backbone matconvnet takes its layers from a model file written by `netvlad "
                                    "import`: give that file as weights")
             if self.layers is not None:
-                from .matconvnet import check_layers
+                from .matconvnet import check_geometry, check_layers
 
-                check_layers(self.layers)
+                # the spatial size through the layers for this input size, before any memory is asked for
+                check_geometry(check_layers(self.layers), self.input_height, self.input_width)
         elif self.layers is not None:
             raise NetVLADError(f"layers are for backbone matconvnet only, not {self.backbone!r}")
         if self.source is not None and (not isinstance(self.source, Mapping)
@@ -209,10 +223,26 @@ class PlaceModel(nn.Module):
         return F.normalize(self.backbone(images), p=2, dim=1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        pooled = self.pool(self.backbone(images))
+        pooled = pool_features(self.pool, self.backbone, images)
         if self.whitening is None:
             return pooled
         return F.normalize(self.whitening(pooled), p=2, dim=1)
+
+    def train_only_projections(self) -> list[nn.Parameter]:
+        """SuperPlace's second fine-tuning stage (FT2): freeze everything — every backbone block, the NetVLAD layer,
+        the whitening — but the NetVLAD-Linear head's projections, and return those. A ``NetVLADError`` for any other
+        head."""
+        projections = getattr(self.pool, "projection_parameters", None)
+        if projections is None:
+            raise NetVLADError(f"only-projections trains the projections of a netvlad-linear head; this model's "
+                               f"pooling is {type(self.pool).__name__}")
+        self.backbone.set_trainable_blocks(0)
+        for param in self.parameters():
+            param.requires_grad_(False)
+        params = projections()
+        for param in params:
+            param.requires_grad_(True)
+        return params
 
     def split_trunk(self) -> tuple[nn.Sequential, "TrainablePart"] | None:
         """``(frozen trunk, trainable part)`` at the backbone's freeze boundary, sharing this model's modules (an
@@ -227,6 +257,14 @@ class PlaceModel(nn.Module):
         return trunk, TrainablePart(rest, self.pool, self.whitening, out_dim=self.out_dim)
 
 
+def pool_features(pool: nn.Module, features: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``pool(features(x))``; for a head that uses the CLS token (``pool.uses_cls``: NetVLAD-Linear)
+    ``pool(dense, cls)`` from ``features.forward_with_cls(x)``."""
+    if getattr(pool, "uses_cls", False):
+        return pool(*features.forward_with_cls(x))
+    return pool(features(x))
+
+
 class TrainablePart(nn.Module):
     """The layers of a :class:`PlaceModel` after its freeze boundary: frozen-trunk activations (N, C, h, w) →
     (N, out_dim) descriptors, the same as the whole model's forward of the images they came from."""
@@ -239,7 +277,7 @@ class TrainablePart(nn.Module):
         self.out_dim = int(out_dim)
 
     def forward(self, activations: torch.Tensor) -> torch.Tensor:
-        pooled = self.pool(self.rest(activations))
+        pooled = pool_features(self.pool, self.rest, activations)
         if self.whitening is None:
             return pooled
         return F.normalize(self.whitening(pooled), p=2, dim=1)
@@ -256,15 +294,19 @@ def build_model(cfg: ModelConfig, *, load_weights: bool = True, allow_download: 
     state dict or :meth:`PlaceModel.set_whitening`.
     """
     cfg.validate()
+    if cfg.pooling.lower() == "netvlad-linear" and not is_transformer(cfg.backbone):
+        raise NetVLADError(f"pooling netvlad-linear needs a backbone with a CLS token (dinov2_*, dinov3_*), not "
+                           f"{cfg.backbone!r}")
     weights = cfg.weights if load_weights else "none"
     backbone, channels, stride = build_backbone(cfg.backbone, weights, cfg.trainable_blocks,
                                                 allow_download=allow_download, init_seed=cfg.init_seed,
-                                                layers=cfg.layers)
+                                                layers=cfg.layers, input_size=(cfg.input_height, cfg.input_width))
     # With random backbone weights the pooling layer's start is seeded too (a seed of its own, derived from
     # init_seed), so the whole model is a function of the config; otherwise it draws from the global RNG as before.
     with seeded_init(_derived_seed(cfg.init_seed, "pool")) if weights == "none" else contextlib.nullcontext():
         pool = build_pooling(cfg.pooling, channels, cfg.num_clusters, cfg.vladv2, gem_p=cfg.gem_p,
-                             gem_learnable=cfg.gem_learnable)
+                             gem_learnable=cfg.gem_learnable, projection_dim=cfg.projection_dim,
+                             cls_dim=cfg.cls_dim)
     model = PlaceModel(backbone, pool, channels, stride)
     if cfg.whiten_dim is not None:
         if cfg.whiten_dim > pool.out_dim:

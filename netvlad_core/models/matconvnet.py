@@ -21,6 +21,7 @@ layer; by default the convs after the trunk's last pooling layer learn (VGG16: c
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import Any, Sequence
 
@@ -140,8 +141,8 @@ def check_layers(layers: Any) -> list[dict]:
             channels = full["out"]
         elif spec["type"] == "relu":
             leak = spec.get("leak", 0.0)
-            if not isinstance(leak, (int, float)) or isinstance(leak, bool):
-                raise NetVLADError(f"{where}: leak must be a number, got {leak!r}")
+            if not isinstance(leak, (int, float)) or isinstance(leak, bool) or not math.isfinite(leak):
+                raise NetVLADError(f"{where}: leak must be a finite number, got {leak!r}")
             full["leak"] = float(leak)
         elif spec["type"] == "pool":
             if spec.get("method", "max") not in ("max", "avg"):
@@ -155,14 +156,51 @@ def check_layers(layers: Any) -> list[dict]:
         else:
             param = spec.get("param")
             if not isinstance(param, (list, tuple)) or len(param) != 4 or not all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in param) or param[0] < 1 \
-                    or param[1] < 0 or param[2] < 0:
-                raise NetVLADError(f"{where}: param must be [N >= 1, kappa >= 0, alpha >= 0, beta], got {param!r}")
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in param) \
+                    or param[0] < 1 or param[1] < 0 or param[2] < 0:
+                raise NetVLADError(f"{where}: param must be 4 finite numbers [N >= 1, kappa >= 0, alpha >= 0, beta], "
+                                   f"got {param!r}")
             full["param"] = [float(v) for v in param]
         out.append(full)
     if not any(spec["type"] == "conv" for spec in out):
         raise NetVLADError("layers hold no conv layer")
     return out
+
+
+def check_geometry(layers: Sequence[dict], height: int, width: int) -> list[tuple[int, int]]:
+    """The spatial size ``(h, w)`` after each layer of a checked layer list for a ``height`` × ``width`` input, as
+    ``vl_nnconv`` / ``vl_nnpool`` compute it (``floor((H + top + bottom − extent) / stride) + 1``). A
+    :class:`NetVLADError` names the first layer whose output would be empty (the input is too small for it), more
+    than twice the input's height or width (a padding or window size no real network has, which would ask for
+    terabytes), or whose max-pooling padding is not smaller than its window (a window of padding only gives −inf)."""
+    h, w = height, width
+    sizes = []
+    for spec in layers:
+        if spec["type"] in ("conv", "pool"):
+            where = f"layer {spec['index']} ({spec['name']})"
+            if spec["type"] == "conv":
+                (kh, kw), (dy, dx) = spec["kernel"], spec["dilate"]
+                kh, kw = (kh - 1) * dy + 1, (kw - 1) * dx + 1
+            else:
+                kh, kw = spec["pool"]
+            top, bottom, left, right = spec["pad"]
+            padding_only = max(top, bottom) >= kh or max(left, right) >= kw
+            if spec["type"] == "pool" and spec["method"] == "max" and padding_only:
+                raise NetVLADError(f"{where}: padding {spec['pad']} is not smaller than the {kh}×{kw} pooling window "
+                                   f"(a window of padding only has no maximum)")
+            sy, sx = spec["stride"]
+            out_h, out_w = (h + top + bottom - kh) // sy + 1, (w + left + right - kw) // sx + 1
+            if out_h < 1 or out_w < 1:
+                raise NetVLADError(f"{where}: a {width}×{height} input is {w}×{h} here, smaller than the layer's "
+                                   f"{kw}×{kh} window with padding {spec['pad']}: no output (a larger --input-width/"
+                                   f"--input-height?)")
+            if out_h > 2 * height or out_w > 2 * width:
+                raise NetVLADError(f"{where}: a {width}×{height} input gives {out_w}×{out_h} here, more than twice its "
+                                   f"size (window {kw}×{kh}, stride {spec['stride']}, padding {spec['pad']}): absurd "
+                                   f"geometry")
+            h, w = out_h, out_w
+        sizes.append((h, w))
+    return sizes
 
 
 def layers_channels_and_stride(layers: Sequence[dict]) -> tuple[int, int]:

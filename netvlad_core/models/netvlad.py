@@ -150,15 +150,61 @@ class NetVLAD(nn.Module):
         self.centroids.copy_(c.to(self.centroids))
         self.conv.weight.copy_(weight[:, :, None, None].to(self.conv.weight))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def aggregate(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, D, H, W) local features → (N, K, D) intra-normalised residual sums (before flattening)."""
         if x.ndim != 4 or x.shape[1] != self.dim:
             raise ValueError(f"NetVLAD expects (N, {self.dim}, H, W) features, got {tuple(x.shape)}")
-        n = x.shape[0]
         if self.normalize_input:
             x = F.normalize(x, p=2, dim=1)
         assign = F.softmax(self.conv(x).flatten(2), dim=1)  # (N, K, HW)
         feats = x.flatten(2)  # (N, D, HW), a view
         vlad = torch.bmm(assign, feats.transpose(1, 2))  # (N, K, D) = A·Xᵀ
         vlad = vlad - assign.sum(2, keepdim=True) * self.centroids  # − (ΣA)·C
-        vlad = F.normalize(vlad, p=2, dim=2)  # intra-normalisation
-        return F.normalize(vlad.reshape(n, -1), p=2, dim=1)
+        return F.normalize(vlad, p=2, dim=2)  # intra-normalisation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        vlad = self.aggregate(x)
+        return F.normalize(vlad.reshape(x.shape[0], -1), p=2, dim=1)
+
+
+class NetVLADLinear(NetVLAD):
+    """NetVLAD-Linear (SuperPlace, arXiv 2506.13073): the NetVLAD layer's intra-normalised cluster rows (N, K, D),
+    each projected by one learned ``Linear(D, d)`` (shared by the clusters, as SuperPlace's ``feat_proj``), flattened
+    cluster-major and L2-normalised; the backbone's CLS token projected by ``Linear(D, c)`` and L2-normalised;
+    ``[cls part, cluster part]`` concatenated (SuperPlace's order) and L2-normalised: (N, c + K·d), 256 + 64·128 =
+    8448-D by default. ``forward(dense, cls)`` takes the dense map and the CLS token (``uses_cls``).
+
+    k-means initialises the clusters as for NetVLAD (:meth:`NetVLAD.init_params`); the projections start from
+    ``nn.Linear``'s initialisation. :meth:`projection_parameters` are what SuperPlace's second fine-tuning trains.
+    """
+
+    uses_cls = True
+
+    def __init__(self, num_clusters: int = 64, dim: int = 128, vladv2: bool = False, normalize_input: bool = True,
+                 projection_dim: int = 128, cls_dim: int = 256):
+        super().__init__(num_clusters=num_clusters, dim=dim, vladv2=vladv2, normalize_input=normalize_input)
+        if int(projection_dim) < 1 or int(cls_dim) < 1:
+            raise NetVLADError(f"projection_dim and cls_dim must be >= 1, got {projection_dim} and {cls_dim}")
+        self.projection_dim, self.cls_dim = int(projection_dim), int(cls_dim)
+        self.projection = nn.Linear(self.dim, self.projection_dim)
+        self.cls_projection = nn.Linear(self.dim, self.cls_dim)
+
+    @property
+    def out_dim(self) -> int:
+        """Length of the global descriptor, c + K·d."""
+        return self.cls_dim + self.num_clusters * self.projection_dim
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, projection_dim={self.projection_dim}, cls_dim={self.cls_dim}"
+
+    def projection_parameters(self) -> list[nn.Parameter]:
+        """The projections' weights and biases (cluster projection, then CLS projection)."""
+        return [*self.projection.parameters(), *self.cls_projection.parameters()]
+
+    def forward(self, x: torch.Tensor, cls: torch.Tensor | None = None) -> torch.Tensor:
+        if cls is None or cls.ndim != 2 or cls.shape != (x.shape[0], self.dim):
+            raise ValueError(f"NetVLAD-Linear expects the CLS token (N, {self.dim}) with the features, got "
+                             f"{None if cls is None else tuple(cls.shape)}")
+        local = F.normalize(self.projection(self.aggregate(x)).reshape(x.shape[0], -1), p=2, dim=1)
+        glob = F.normalize(self.cls_projection(cls), p=2, dim=1)
+        return F.normalize(torch.cat([glob, local], dim=1), p=2, dim=1)

@@ -1,4 +1,4 @@
-"""Global pooling layers: NetVLAD and the ablation baselines (max, average, GeM), all L2-normalised."""
+"""Global pooling layers: NetVLAD, NetVLAD-Linear and the ablation baselines (max, average, GeM), all L2-normalised."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import NetVLADError
-from .netvlad import NetVLAD
+from .netvlad import NetVLAD, NetVLADLinear
 
-POOLINGS = ("netvlad", "max", "avg", "gem")
+POOLINGS = ("netvlad", "netvlad-linear", "max", "avg", "gem")
 
 
 class MaxPool(nn.Module):
@@ -75,15 +75,20 @@ class GeM(nn.Module):
 
 
 def build_pooling(name: str, dim: int, num_clusters: int = 64, vladv2: bool = False, *, gem_p: float = 3.0,
-                  gem_learnable: bool = True, normalize_input: bool = True) -> nn.Module:
-    """The global pooling layer ``name`` (netvlad | max | avg | gem) over ``dim``-channel features.
+                  gem_learnable: bool = True, normalize_input: bool = True, projection_dim: int = 128,
+                  cls_dim: int = 256) -> nn.Module:
+    """The global pooling layer ``name`` (netvlad | netvlad-linear | max | avg | gem) over ``dim``-channel features.
 
-    Every returned module has an ``out_dim`` attribute (K·D for netvlad, D otherwise).
+    Every returned module has an ``out_dim`` attribute (K·D for netvlad, c + K·d for netvlad-linear, D otherwise).
+    netvlad-linear's ``forward`` also takes the backbone's CLS token (``uses_cls``).
     """
     key = str(name).lower()
-    if key == "netvlad":
+    if key in ("netvlad", "netvlad-linear"):
         if int(num_clusters) < 2:
             raise NetVLADError(f"num_clusters must be >= 2 for NetVLAD pooling, got {num_clusters}")
+        if key == "netvlad-linear":
+            return NetVLADLinear(num_clusters=num_clusters, dim=dim, vladv2=vladv2, normalize_input=normalize_input,
+                                 projection_dim=projection_dim, cls_dim=cls_dim)
         return NetVLAD(num_clusters=num_clusters, dim=dim, vladv2=vladv2, normalize_input=normalize_input)
     if key == "max":
         return MaxPool(dim)

@@ -14,8 +14,13 @@ them in with every key and shape checked. Nothing here touches the network unles
   in the original port's key names (:func:`efficientnet_lite0_to_timm` renames them), so it works offline.
 - ``imagenet`` for ``timm:<model>`` (:func:`timm_pretrained_overlay`): the model's default pretrained file from the
   Hugging Face cache or the torch hub cache; else timm downloads it, under the same rules as above.
+- ``imagenet`` for a vision transformer (``imagenet_state("timm:vit_base_patch14_dinov2.lvd142m", …)``): timm's
+  pretrained file for that tag from the Hugging Face cache (timm's safetensors) or the torch hub cache (the
+  official ``dinov2_vitb14_pretrain.pth``); else, if downloading is allowed and huggingface.co answers, downloaded
+  with ``huggingface_hub``; either layout is converted by :func:`timm_vit_filter`.
 - a file path (:func:`local_state`): a state dict, plain or under ``state_dict``/``model``, ``module.`` prefixes of
-  (Distributed)DataParallel stripped; loaded with ``torch.load(weights_only=True)``.
+  (Distributed)DataParallel stripped; loaded with ``torch.load(weights_only=True)``, or with ``safetensors`` for a
+  ``.safetensors`` file.
 """
 
 from __future__ import annotations
@@ -89,11 +94,24 @@ def local_state(weights: str, backbone: str) -> tuple[dict[str, torch.Tensor], s
     if not path.is_file():
         raise NetVLADError(f"weights {weights!r} for backbone {backbone!r}: not 'imagenet', 'none' or an existing "
                            f"state-dict file")
-    payload = load_state(path)
+    payload = read_state_file(path)
     if is_model_file(payload):
         prefix = MODEL_FILE_BACKBONE_PREFIX
         return {k[len(prefix):]: v for k, v in payload["state_dict"].items() if k.startswith(prefix)}, str(path)
     return unwrap_state(payload, str(path)), str(path)
+
+
+def read_state_file(path: Path) -> Any:
+    """The content of a weights file: ``safetensors`` for ``.safetensors``, else ``torch.load(weights_only=True)``."""
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise NetVLADError(f"{path}: not a readable safetensors file ({e})") from None
+    return load_state(path)
 
 
 def is_model_file(payload: Any) -> bool:
@@ -150,6 +168,9 @@ def imagenet_state(reference: str, backbone: str, *, allow_download: bool,
     if reference == EFFICIENTNET_LITE0_WEIGHTS:
         path = efficientnet_lite0_package_file()
         return unwrap_state(load_state(path), str(path)), str(path)
+    if scheme == "timm":
+        path = timm_pretrained_file(what, backbone, allow_download=allow_download)
+        return unwrap_state(read_state_file(path), str(path)), str(path)
     raise ValueError(f"unknown ImageNet weights reference {reference!r}")
 
 
@@ -268,3 +289,64 @@ def timm_pretrained_overlay(model: str, name: str, weights: str, *,
         return {}, None
     state, source = local_state(weights, name)
     return {"pretrained_cfg_overlay": {"state_dict": state}}, source
+
+
+def timm_pretrained_file(model: str, backbone: str, *, allow_download: bool) -> Path:
+    """The local file of timm's pretrained weights ``model`` (``<architecture>.<tag>``): from the Hugging Face or
+    torch hub cache (:func:`timm_cached_file`), else downloaded from the Hugging Face hub if ``allow_download`` and
+    huggingface.co answers, else a ``NetVLADError`` that says how to provide the file."""
+    cached, where = timm_cached_file(model)
+    if cached is not None:
+        return Path(cached)
+    how = f"download {where} on a machine with internet access and pass weights=/path/to/that/file"
+    if not allow_download:
+        raise NetVLADError(f"{backbone} pretrained weights ({model}) are not in the local cache and downloading is "
+                           f"disabled; {how}")
+    if not reachable("https://huggingface.co"):
+        raise NetVLADError(f"{backbone} pretrained weights ({model}) are not in the local cache and huggingface.co "
+                           f"cannot be reached; {how}")
+    import timm
+    from huggingface_hub import hf_hub_download
+
+    cfg = timm.models.get_pretrained_cfg(model)
+    try:
+        return Path(hf_hub_download(cfg.hf_hub_id, cfg.hf_hub_filename or "model.safetensors"))
+    except Exception as e:  # network errors, gated repositories
+        raise NetVLADError(f"{backbone} pretrained weights could not be downloaded from {where} ({e}); {how}") from None
+
+
+def timm_vit_filter(state: Mapping[str, torch.Tensor], module: nn.Module, source: str) -> dict[str, torch.Tensor]:
+    """A vision transformer's state dict in another layout → timm's names for ``module`` (a timm
+    ``VisionTransformer`` or ``Eva``), by timm's own ``checkpoint_filter_fn`` (the official DINOv2 torch.hub layout:
+    ``mask_token`` dropped, ``register_tokens`` → ``reg_token`` with the CLS position folded into ``cls_token``,
+    giant's ``mlp.w12``/``w3`` → ``fc1``/``fc2``; DINOv3's ``storage_tokens``, ``ls1.gamma`` …).
+
+    Shape for shape: timm's filter would resample a position embedding or patch kernel of another size; here such a
+    file is refused, naming the key, before it is called (the caller checks every other key and shape).
+    """
+    expected = module.state_dict()
+    architecture = f"timm {(getattr(module, 'pretrained_cfg', None) or {}).get('architecture', type(module).__name__)}"
+    official = "mask_token" in state or "storage_tokens" in state
+    for key in ("patch_embed.proj.weight", "pos_embed"):
+        if key not in state or key not in expected:
+            continue
+        want = tuple(expected[key].shape)
+        if key == "pos_embed" and official and getattr(module, "no_embed_class", False):
+            want = (want[0], want[1] + 1, want[2])  # the official register models keep a position for the CLS token
+        if tuple(state[key].shape) != want:
+            raise NetVLADError(f"{source}: not a {architecture} state dict: key {key!r} has shape "
+                               f"{tuple(state[key].shape)}, expected {want}")
+    if isinstance(module, _eva_class()):
+        from timm.models.eva import checkpoint_filter_fn
+    else:
+        from timm.models.vision_transformer import checkpoint_filter_fn
+    try:
+        return checkpoint_filter_fn(dict(state), module)
+    except Exception as e:  # a layout the filter does not know (it indexes keys it expects)
+        raise NetVLADError(f"{source}: not a {architecture} state dict ({type(e).__name__}: {e})") from None
+
+
+def _eva_class() -> type:
+    from timm.models.eva import Eva
+
+    return Eva
