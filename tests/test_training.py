@@ -330,13 +330,22 @@ def _cut_models():
         yield f"{backbone}:{blocks}", build_model(cfg).eval()
 
 
+def descriptors_and_grads(fn, x, trainable, counts):
+    """``fn(x)`` and the gradients of ``trainable`` under the squared triplet loss of ``counts`` tuples."""
+    from netvlad_core.mining import batch_loss
+
+    for p in trainable:
+        p.grad = None
+    desc = fn(x)
+    batch_loss(desc, counts, margin=10.0, loss="squared")[0].backward()
+    return desc.detach(), [p.grad.clone() for p in trainable]
+
+
 @pytest.mark.parametrize("name", [n for n, _ in _cut_models()])
 @pytest.mark.parametrize("whiten", [False, True])
 def test_trainable_part_on_cached_activations_equals_the_full_models_forward_and_gradients(name, whiten):
     """Descriptors and the loss's gradients of every trainable parameter, computed by the whole model on images and
     by the trainable part on the trunk's activations stored as float32 (and float16: close, not equal)."""
-    from netvlad_core.mining import batch_loss
-
     model = dict(_cut_models())[name]
     if whiten:
         g = torch.Generator().manual_seed(1)
@@ -346,11 +355,7 @@ def test_trainable_part_on_cached_activations_equals_the_full_models_forward_and
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     def grads(fn, x):
-        for p in trainable:
-            p.grad = None
-        desc = fn(x)
-        batch_loss(desc, counts, margin=10.0, loss="squared")[0].backward()
-        return desc.detach(), [p.grad.clone() for p in trainable]
+        return descriptors_and_grads(fn, x, trainable, counts)
 
     want_desc, want_grads = grads(model, images)
     trunk, part = model.split_trunk()

@@ -20,7 +20,7 @@ from netvlad_core.mining import MiningConfig
 from tests.test_training import tiny  # noqa: F401  (the module's tiny splits and model)
 
 REPO = Path(__file__).resolve().parents[1]
-BEFORE = "19ffc20a034afe0b44b0e09d893171aac094fd1e"  # the last commit with netvlad_core/training.py
+BEFORE = "f76a0b75464d969f87fad473e962c67804be89ad"  # the last commit with netvlad_core/training.py
 
 
 def _old_training():

@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from netvlad_core.errors import NetVLADError
-from netvlad_core.mining import MiningConfig, batch_loss
+from netvlad_core.mining import MiningConfig
 from netvlad_core.models import ModelConfig, NetVLADLinear, build_backbone, build_model, load_model, save_model
 from netvlad_core.models.backbones import REGISTRY, TRANSFORMER_BACKBONES, default_trainable_blocks
 from netvlad_core.models.vit import model_input_size
 from tests.conftest import REPO, make_split
+from tests.test_training import descriptors_and_grads
 
 # name → (timm model, channels, patch, depth), as timm and the DINOv2/DINOv3 papers define them
 EXPECTED = {
@@ -109,11 +110,7 @@ def test_trunk_cached_part_forward_and_gradients_equal_the_full_models(name, poo
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     def grads(fn, x):
-        for p in trainable:
-            p.grad = None
-        desc = fn(x)
-        batch_loss(desc, counts, margin=10.0, loss="squared")[0].backward()
-        return desc.detach(), [p.grad.clone() for p in trainable]
+        return descriptors_and_grads(fn, x, trainable, counts)
 
     want_desc, want_grads = grads(model, images)
     trunk, part = model.split_trunk()
