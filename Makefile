@@ -8,7 +8,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 # dvc.yaml calls the `netvlad` console script: put the venv first on PATH for every recipe.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install demo test test-fast lint bench report compare clean-venv dvc-scm
+.PHONY: install demo test test-fast lint bench report compare docs docs-serve clean-venv dvc-scm
 
 install: $(STAMP)
 
@@ -37,6 +37,15 @@ lint: install
 
 bench: install
 	$(BIN)/python -m bench
+
+# The documentation site (mkdocs.yml, pages under docs/; the reference pages are generated from the code).
+# `make docs` builds it into site/ in strict mode (a broken link or anchor fails); `make docs-serve` serves it on
+# http://127.0.0.1:8000 and rebuilds on every edit.
+docs: install
+	$(BIN)/mkdocs build --strict
+
+docs-serve: install
+	$(BIN)/mkdocs serve --dev-addr 127.0.0.1:8000
 
 # `make report [BASE=<rev>] [MAX_DROP=<points>]`: report.md and report_recall.png, the working tree's params, metrics
 # and recall@N curves against BASE (default: the merge base of HEAD with main). MAX_DROP is the gate: exit 1 when a

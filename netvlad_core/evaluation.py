@@ -515,6 +515,45 @@ def _rank(features_h5: Path, split: Split, positives, plan: _RankingPlan, cfg: E
     return distances, indices, exact
 
 
+#: What each key of the metrics file (``metrics/test_<model>.json``, ``metrics/bench/<model>/<name>.json``) means;
+#: ``N`` stands for a recall N, ``<T>`` for the split's positive radius in metres. The documentation's metrics
+#: reference is generated from it.
+METRIC_KEYS = {
+    "recall@N": "fraction of the queries with a positive among the first N ranked database items (panoramas when "
+                "they are collapsed); N above the database size is lowered to it, with a warning",
+    "exact_recall@N": "recall@N of the exact search, reported beside an approximate `index-factory` search",
+    "num_queries": "queries evaluated (every query of the split)",
+    "num_db": "database images of the split",
+    "num_queries_without_positives": "queries with no database image within the split's positive radius (they "
+                                     "count as misses)",
+    "median_error_m": "median distance in metres between a query's position and the one estimated from its top "
+                      "`localisation-k` matches; null when half the queries or more got no position",
+    "localised_within_<T>m": "fraction of the queries whose estimated position is within the positive radius",
+}
+
+#: What each key of the settings file (``metrics/eval_<model>.json``, not a DVC metric) records.
+SETTINGS_KEYS = {
+    "model": "the model's name (`--model-name`)",
+    "features": "the features file evaluated",
+    "dataset": "the split's dataset (`split.json`)",
+    "split": "the split's name",
+    "split_dir": "the split folder",
+    "index": "`Flat` for the exact search, else the faiss index factory string",
+    "index_params": "faiss search parameters of the approximate index (`index-params`), or null",
+    "collapse_panoramas": "whether each panorama's views counted once per ranking",
+    "collapse_panoramas_decided_by": "`split` (its `views_per_panorama`) or `option` (`collapse-panoramas` yes/no)",
+    "views_per_panorama": "views per database panorama recorded by the split (Tokyo 24/7: 12), or null",
+    "panoramas_grouped_by": "how views were grouped into panoramas, or null",
+    "num_panoramas": "database panoramas after grouping, or null",
+    "localisation_k": "matches whose positions estimate a query's position",
+    "localisation_weighting": "how those matches are weighted: `uniform`, `inverse_distance` or `softmax`",
+    "localisation_temperature": "softmax temperature of the weighting",
+    "recall_n_requested": "the N of recall@N asked for",
+    "recall_n": "the N reported (those above the database size lowered to it)",
+    "recall_n_capped_at": "the database size the N were lowered to, or null",
+}
+
+
 def _metrics(split: Split, positives, ns: list[int], recalls: dict[int, float],
              exact_recalls: dict[int, float] | None, errors_m: np.ndarray) -> dict:
     """The metrics file's content. Numbers only: `dvc metrics show` / `dvc exp show` list every key as a metric."""

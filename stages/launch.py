@@ -10,7 +10,7 @@
   the agent stops the others and this command exits 1 after the workers' own ``error: …`` lines.
 
 Several machines (``--nnodes``, a rendezvous endpoint) are started by the cluster's own launcher: call
-``torchrun`` directly there (see the README, "Training on several GPUs").
+``torchrun`` directly there (see docs/how-to/several-gpus.md).
 """
 
 from __future__ import annotations

@@ -142,7 +142,7 @@ def test_make_report_includes_the_suite_table(two_commits, tmp_path):  # noqa: F
 
 def test_each_benchmark_entry_is_the_options_of_bench_split():
     """params.yaml `benchmarks` entries expand into `netvlad bench-split` options (dvc.yaml passes `${item}`): every
-    key of the examples in the comment above the group, and of the README's, is an option of the command."""
+    key of the examples in the comment above the group, and of the benchmark-suite page's, is an option of it."""
     import io
 
     import typer
@@ -154,8 +154,8 @@ def test_each_benchmark_entry_is_the_options_of_bench_split():
     text = (REPO / "params.yaml").read_text()
     block = text[text.index("# The benchmark suite"):text.index("\nbenchmarks:")]
     example = "\n".join(line[len("#"):] for line in block.splitlines() if line.startswith("#   "))
-    readme = (REPO / "README.md").read_text()
-    readme_block = readme[readme.index("## The benchmark suite"):]
+    readme = (REPO / "docs" / "how-to" / "benchmark-suite.md").read_text()
+    readme_block = readme[readme.index("## List the benchmarks"):]
     readme_block = readme_block[readme_block.index("```yaml\n") + 8:]
     entries = {**yaml.safe_load(io.StringIO(example)),
                **yaml.safe_load(io.StringIO(readme_block[:readme_block.index("```")]))["benchmarks"]}

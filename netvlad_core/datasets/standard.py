@@ -157,7 +157,7 @@ def warn_msls_conversion(split: Split, why: str) -> None:
 
 
 def sizes_text(info: StandardSet) -> str:
-    """``10,000 / 6,816`` style text of the published counts (README table, help)."""
+    """``10,000 / 6,816`` style text of the published counts (the datasets page's table, help)."""
     parts = []
     for p in info.published:
         db = "—" if p.num_db is None else f"{p.num_db:,}"

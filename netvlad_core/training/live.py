@@ -7,6 +7,26 @@ from pathlib import Path
 
 from ..errors import NetVLADError
 
+#: What each key of the training summary (``<live-dir>/metrics.json``, DVCLive; the per-step and per-epoch curves
+#: under ``plots/metrics/`` carry the same names) means; ``N`` stands for a recall N. The documentation's metrics
+#: reference is generated from it.
+METRIC_KEYS = {
+    "step": "optimisation steps taken",
+    "epoch": "epochs completed",
+    "train/loss": "the last step's loss (triplet: summed margin violations; places: multi-similarity loss)",
+    "train/lr": "the learning rate of the last step",
+    "train/violating_fraction": "triplet recipe: fraction of the step's mined negatives that violate the margin",
+    "train/epoch_violating_fraction": "triplet recipe: the same over the last epoch",
+    "train/skipped_queries": "triplet recipe: queries of the last epoch skipped for want of a positive or of a "
+                             "violating negative",
+    "train/positive_pairs": "places recipe: positive pairs the miner kept in the last batch",
+    "train/negative_pairs": "places recipe: negative pairs the miner kept in the last batch",
+    "train/epoch_loss": "places recipe: mean loss of the last epoch",
+    "val/recall@N": "recall@N on the val split after the last epoch",
+    "best/recall@N": "val recall@N of the best epoch (by recall@`best-by`), the model `train` writes",
+    "best/epoch": "the best epoch",
+}
+
 _LIVE_SUMMARY_FILES = ("metrics.json", "params.yaml")
 
 
